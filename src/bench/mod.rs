@@ -1,0 +1,3 @@
+//! Measuring: perplexity / KL-divergence (llama-perplexity's method) and benchmarks.
+
+pub mod perplexity;

@@ -1,0 +1,213 @@
+//! The engine: a loaded model, its tokenizer and chat template, KV caches made to order,
+//! and the generation loop every front-end (CLI, server, bench) drives.
+
+pub mod run;
+pub mod sampling;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+
+use crate::chat::ChatTemplate;
+use crate::kv::{CacheType, KvCache, KvPolicy};
+use crate::model::layers::Source;
+use crate::model::{Logits, Model};
+use crate::tokenizer::Tok;
+use sampling::Sampler;
+
+/// Prompt tokens per forward pass during prefill (llama.cpp's default ubatch).
+pub const UBATCH: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: PathBuf,
+    pub n_ctx: usize,
+    pub cache_k: CacheType,
+    pub cache_v: CacheType,
+    /// Overrides the model's own template (`--chat-template`).
+    pub chat_template: Option<String>,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub tok: Option<Tok>,
+    pub template: Option<ChatTemplate>,
+    pub policy: KvPolicy,
+    pub n_ctx: usize,
+}
+
+/// Why generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_ms: f64,
+    pub gen_ms: f64,
+}
+
+impl Engine {
+    pub fn load(cfg: &EngineConfig) -> Result<Self> {
+        let t0 = Instant::now();
+        let model = Model::load(&cfg.model, &Device::Cpu)
+            .with_context(|| format!("loading {}", cfg.model.display()))?;
+        let tok = match model.source.as_ref() {
+            Source::Gguf(g) => Some(Tok::from_gguf(g)?),
+            Source::Hf(h) => match h.tokenizer_json() {
+                Some(_) => Some(Tok::from_hf_dir(&h.dir)?),
+                None => None,
+            },
+        };
+        let n_ctx = if cfg.n_ctx == 0 {
+            model.arch.max_context
+        } else {
+            cfg.n_ctx
+        };
+        let template_src = cfg
+            .chat_template
+            .clone()
+            .or_else(|| tok.as_ref().and_then(|t| t.chat_template.clone()));
+        let template = match (template_src, &tok) {
+            (Some(src), Some(tok)) => {
+                let name = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
+                Some(ChatTemplate::new(&src, name(tok.bos), name(tok.eos))?)
+            }
+            _ => None,
+        };
+        let policy = KvPolicy::uniform(model.arch.n_layer, cfg.cache_k, cfg.cache_v);
+        let a = &model.arch;
+        eprintln!(
+            "model: {} ({}), {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {}, {:.2} MiB; loaded in {:.0} ms",
+            cfg.model.display(),
+            a.name,
+            a.n_layer,
+            a.hidden,
+            a.layers[0].n_head,
+            a.layers[0].n_kv_head,
+            a.head_dim_max(),
+            a.vocab,
+            model.weight_bytes as f64 / 1048576.0,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Self {
+            model,
+            tok,
+            template,
+            policy,
+            n_ctx,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tok> {
+        self.tok
+            .as_ref()
+            .context("this model has no tokenizer: pass token ids (--prompt-ids)")
+    }
+
+    /// A fresh cache for `n_ctx` tokens, with the KV bytes printed like llama.cpp does.
+    pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
+        let cache = KvCache::new(&self.model.arch, &self.policy, n_ctx)?;
+        eprintln!("{}", cache.describe());
+        Ok(cache)
+    }
+
+    /// Feeds `tokens` in ubatches; returns the logits of the last one.
+    pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut last = None;
+        for chunk in tokens.chunks(UBATCH) {
+            last = Some(self.model.forward(chunk, cache, Logits::Last)?);
+        }
+        let logits = last.context("empty prompt")?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Generates up to `max_tokens` after `prompt`; `on_token` sees each token's text piece and may
+    /// return false to stop. Stops at end-of-generation tokens and at any of `stop`.
+    pub fn generate(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop: &[String],
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if prompt.len() + cache.len > cache.n_ctx {
+            bail!(
+                "the prompt is {} tokens but the context holds {} (-c)",
+                prompt.len() + cache.len,
+                cache.n_ctx
+            );
+        }
+        let t0 = Instant::now();
+        let mut logits = self.prefill(cache, prompt)?;
+        let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let mut history = prompt.to_vec();
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        let mut finish = FinishReason::Length;
+        while tokens.len() < max_tokens && cache.len < cache.n_ctx {
+            let next = sampler.sample(&logits, &history);
+            if self.tok.as_ref().is_some_and(|t| t.is_eog(next)) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            tokens.push(next);
+            history.push(next);
+            let piece = match &self.tok {
+                Some(t) => self.piece(t, &tokens)?,
+                None => String::new(),
+            };
+            text.push_str(&piece);
+            if let Some(at) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(at);
+                finish = FinishReason::Stop;
+                break;
+            }
+            if !on_token(next, &piece) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() == max_tokens {
+                break;
+            }
+            let l = self.model.forward(&[next], cache, Logits::Last)?;
+            logits = l.flatten_all()?.to_vec1::<f32>()?;
+        }
+        Ok(Generation {
+            tokens,
+            text,
+            finish,
+            prompt_ms,
+            gen_ms: t1.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Text the last token adds: decode the tail and diff, so multi-byte characters split over
+    /// tokens come out whole.
+    fn piece(&self, tok: &Tok, tokens: &[u32]) -> Result<String> {
+        let n = tokens.len();
+        let ctx = &tokens[n.saturating_sub(8)..];
+        let before = tok.decode(&ctx[..ctx.len() - 1])?;
+        let after = tok.decode(ctx)?;
+        if after.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(after
+            .strip_prefix(before.trim_end_matches('\u{FFFD}'))
+            .unwrap_or(&after)
+            .to_string())
+    }
+}

@@ -1,0 +1,81 @@
+//! The pluggable KV cache: a cache type per layer and per K/V, storage sized up front,
+//! attention computed directly on the stored rows.
+
+pub mod attention;
+pub mod codec;
+pub mod store;
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+
+pub use attention::attention;
+pub use codec::KvCodec;
+pub use store::{KvCache, LayerCache};
+
+/// A KV cache storage type, as `-ctk` / `-ctv` spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum CacheType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl CacheType {
+    pub const ALL: &'static [CacheType] = &[CacheType::F32, CacheType::F16, CacheType::Bf16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+        }
+    }
+
+    /// The codec that stores rows of this type.
+    pub fn codec(self) -> Box<dyn KvCodec> {
+        match self {
+            CacheType::F32 => Box::new(codec::f32::F32Codec),
+            CacheType::F16 => Box::new(codec::f16::F16Codec),
+            CacheType::Bf16 => Box::new(codec::f16::Bf16Codec),
+        }
+    }
+}
+
+impl fmt::Display for CacheType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for CacheType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.to_ascii_lowercase();
+        match CacheType::ALL.iter().find(|t| t.name() == lower) {
+            Some(t) => Ok(*t),
+            None => {
+                let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
+                bail!(
+                    "unknown cache type `{s}` (supported: {})",
+                    names.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// The K and V type of every layer.
+#[derive(Debug, Clone)]
+pub struct KvPolicy {
+    pub layers: Vec<(CacheType, CacheType)>,
+}
+
+impl KvPolicy {
+    pub fn uniform(n_layer: usize, k: CacheType, v: CacheType) -> Self {
+        Self {
+            layers: vec![(k, v); n_layer],
+        }
+    }
+}

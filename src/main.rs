@@ -1,0 +1,205 @@
+//! `dh-server`: flags in, library calls out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use dhurandhar::bench::perplexity::perplexity;
+use dhurandhar::engine::run::{RunOptions, run};
+use dhurandhar::engine::sampling::SamplingParams;
+use dhurandhar::engine::{Engine, EngineConfig};
+use dhurandhar::kv::CacheType;
+
+#[derive(Parser)]
+#[command(name = "dh-server", version, about = "llama.cpp-style inference with a compressed KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One-shot generation (like llama-cli / llama-simple).
+    Run(RunArgs),
+    /// Perplexity of a text file, as llama-perplexity computes it.
+    Perplexity(PplArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// GGUF file or Hugging Face directory (config.json + *.safetensors).
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Context size in tokens (0: the model's own).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: usize,
+    /// KV cache type for K.
+    #[arg(long = "cache-type-k", default_value = "f16")]
+    cache_type_k: CacheType,
+    /// KV cache type for V.
+    #[arg(long = "cache-type-v", default_value = "f16")]
+    cache_type_v: CacheType,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Jinja chat template overriding the model's own (a string, or @file).
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Accepted for llama.cpp compatibility: templates are always rendered with Jinja.
+    #[arg(long)]
+    jinja: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long)]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids (for models without a tokenizer).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Render the prompt as a user turn with the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print generated token ids (comma-separated) instead of text.
+    #[arg(long)]
+    print_ids: bool,
+    /// Write the f32 logits of every prompt position to this safetensors file (tensor `logits` [T,V]).
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(short = 's', long, default_value_t = 0xD4A1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    /// Stop after this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+}
+
+impl ModelArgs {
+    fn engine(&self) -> Result<Engine> {
+        // candle and rayon size their pools from this variable; it must be set before either starts.
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // SAFETY: set once, first thing, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        let chat_template = match &self.chat_template {
+            Some(t) if t.starts_with('@') => Some(
+                std::fs::read_to_string(&t[1..])
+                    .with_context(|| format!("reading chat template {}", &t[1..]))?,
+            ),
+            other => other.clone(),
+        };
+        Engine::load(&EngineConfig {
+            model: self.model.clone(),
+            n_ctx: self.ctx_size,
+            cache_k: self.cache_type_k,
+            cache_v: self.cache_type_v,
+            chat_template,
+        })
+    }
+}
+
+/// llama.cpp's multi-letter single-dash flags, which clap cannot declare as short options.
+const LLAMA_FLAGS: &[(&str, &str)] = &[
+    ("-ctk", "--cache-type-k"),
+    ("-ctv", "--cache-type-v"),
+    ("-ngl", "--n-gpu-layers"),
+    ("-np", "--parallel"),
+    ("-fa", "--flash-attn"),
+];
+
+fn main() -> ExitCode {
+    let args = std::env::args().map(|a| {
+        LLAMA_FLAGS
+            .iter()
+            .find(|(short, _)| *short == a)
+            .map_or(a, |(_, long)| long.to_string())
+    });
+    let cli = Cli::parse_from(args);
+    let result = match cli.command {
+        Command::Run(a) => a.model.engine().and_then(|e| {
+            let s = &a.sampling;
+            run(
+                &e,
+                &RunOptions {
+                    prompt: a.prompt.clone(),
+                    prompt_ids: a.prompt_ids.clone(),
+                    chat: a.chat,
+                    system: a.system.clone(),
+                    n_predict: a.n_predict,
+                    sampling: SamplingParams {
+                        temperature: s.temperature,
+                        top_k: s.top_k,
+                        top_p: s.top_p,
+                        min_p: s.min_p,
+                        repeat_penalty: s.repeat_penalty,
+                        presence_penalty: s.presence_penalty,
+                        frequency_penalty: s.frequency_penalty,
+                        penalty_last_n: s.repeat_last_n,
+                        seed: s.seed,
+                    },
+                    stop: a.stop.clone(),
+                    print_ids: a.print_ids,
+                    logits_out: a.logits_out.clone(),
+                },
+            )
+        }),
+        Command::Perplexity(a) => a.model.engine().and_then(|e| {
+            let text = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            perplexity(&e, &text, a.model.ctx_size, a.chunks, &mut std::io::stdout()).map(|_| ())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! GGUF files: memory-mapped, metadata parsed by candle, tensors read straight from the map.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Cursor;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use memmap2::Mmap;
+
+use super::arch::{ArchKind, LayerGeometry, ModelArchitecture, RopeStyle};
+
+pub struct GgufFile {
+    pub mmap: Mmap,
+    pub content: Content,
+}
+
+/// A tensor's bytes inside the map, with its type and shape (ggml order reversed: rows first).
+pub struct RawTensor<'a> {
+    pub data: &'a [u8],
+    pub dtype: GgmlDType,
+    /// `[rows, cols]` for matrices, `[n]` for vectors.
+    pub dims: Vec<usize>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the file is opened read-only; a model file changing under a running server is unsupported.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        if mmap.len() < 4 || &mmap[..4] != b"GGUF" {
+            bail!("{} is not a GGUF file (bad magic)", path.display());
+        }
+        let content = Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| anyhow::anyhow!("{}: malformed GGUF header: {e}", path.display()))?;
+        let gguf = Self { mmap, content };
+        for (name, info) in &gguf.content.tensor_infos {
+            let end = gguf.tensor_range(name, info)?.end;
+            if end > gguf.mmap.len() {
+                bail!(
+                    "{}: truncated file: tensor `{name}` ends at byte {end} but the file has {} bytes",
+                    path.display(),
+                    gguf.mmap.len()
+                );
+            }
+        }
+        Ok(gguf)
+    }
+
+    fn tensor_range(
+        &self,
+        name: &str,
+        info: &candle_core::quantized::gguf_file::TensorInfo,
+    ) -> Result<std::ops::Range<usize>> {
+        let n = info.shape.elem_count();
+        let bs = info.ggml_dtype.block_size();
+        if n % bs != 0 {
+            bail!("tensor `{name}`: {n} values is not a multiple of the block size {bs}");
+        }
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        Ok(start..start + n / bs * info.ggml_dtype.type_size())
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+    }
+
+    pub fn meta_u32(&self, key: &str) -> Option<u32> {
+        self.meta(key).and_then(|v| match v {
+            Value::U8(x) => Some(*x as u32),
+            Value::U16(x) => Some(*x as u32),
+            Value::U32(x) => Some(*x),
+            Value::I32(x) => Some(*x as u32),
+            Value::U64(x) => Some(*x as u32),
+            Value::I64(x) => Some(*x as u32),
+            _ => None,
+        })
+    }
+
+    pub fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.meta(key).and_then(|v| match v {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            _ => None,
+        })
+    }
+
+    pub fn meta_bool(&self, key: &str) -> Option<bool> {
+        self.meta(key).and_then(|v| v.to_bool().ok())
+    }
+
+    pub fn architecture(&self) -> Result<&str> {
+        self.meta_str("general.architecture")
+            .context("GGUF has no `general.architecture`")
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .with_context(|| format!("missing tensor `{name}` in GGUF"))?;
+        let range = self.tensor_range(name, info)?;
+        let mut dims = info.shape.dims().to_vec();
+        dims.reverse();
+        Ok(RawTensor {
+            data: &self.mmap[range],
+            dtype: info.ggml_dtype,
+            dims,
+        })
+    }
+
+    /// The tensor as a candle `QTensor` (rows first, as candle expects for matmul weights).
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let raw = self.raw(name)?;
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(raw.data), device, raw.dtype)?;
+        Ok(QTensor::new(storage, raw.dims.as_slice())?)
+    }
+
+    /// Builds the geometry from `<arch>.*` metadata, llama.cpp's keys.
+    pub fn architecture_geometry(&self) -> Result<ModelArchitecture> {
+        let name = self.architecture()?.to_string();
+        let (kind, rope_style) = match name.as_str() {
+            "llama" | "mistral" | "granite" => (ArchKind::Llama, RopeStyle::Interleaved),
+            "qwen2" | "qwen3" => (ArchKind::Llama, RopeStyle::Neox),
+            "gemma3" => (ArchKind::Gemma3, RopeStyle::Neox),
+            other => bail!(
+                "unsupported architecture `{other}` (supported: llama, mistral, granite, qwen2, qwen3, gemma3)"
+            ),
+        };
+        let key = |k: &str| format!("{name}.{k}");
+        let req = |k: &str| {
+            self.meta_u32(&key(k))
+                .map(|v| v as usize)
+                .with_context(|| format!("GGUF metadata `{}` missing", key(k)))
+        };
+        let n_layer = req("block_count")?;
+        let hidden = req("embedding_length")?;
+        let intermediate = req("feed_forward_length")?;
+        let n_head = req("attention.head_count")?;
+        let n_kv_head = self
+            .meta_u32(&key("attention.head_count_kv"))
+            .map(|v| v as usize)
+            .unwrap_or(n_head);
+        let head_dim = self
+            .meta_u32(&key("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden / n_head.max(1));
+        let vocab = match self.meta_u32(&key("vocab_size")) {
+            Some(v) => v as usize,
+            None => self
+                .meta("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok())
+                .map(|v| v.len())
+                .context("GGUF has neither a vocab size nor a token list")?,
+        };
+        let rope_theta = self.meta_f32(&key("rope.freq_base")).unwrap_or(10000.0);
+        let rms_eps = self
+            .meta_f32(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-6) as f64;
+        let max_context = req("context_length").unwrap_or(4096);
+        let mut attn_scale = 1.0 / (head_dim as f32).sqrt();
+        let windows = if kind == ArchKind::Gemma3 {
+            match self.meta_u32(&key("attention.sliding_window")) {
+                Some(w) if w > 0 => {
+                    let period = self
+                        .meta_u32(&key("attention.sliding_window_pattern"))
+                        .unwrap_or(6) as usize;
+                    ModelArchitecture::sliding_pattern(n_layer, period, w as usize)
+                }
+                _ => vec![None; n_layer],
+            }
+        } else {
+            vec![None; n_layer]
+        };
+        // llama.cpp: gemma3 sliding layers use 10k unless the file says otherwise; 27B scales by hidden/heads.
+        let swa_theta = self
+            .meta_f32(&key("rope.freq_base_swa"))
+            .unwrap_or(10000.0);
+        if kind == ArchKind::Gemma3 && n_layer == 62 {
+            attn_scale = 1.0 / ((hidden / n_head) as f32).sqrt();
+        }
+        let layers = windows
+            .into_iter()
+            .map(|w| LayerGeometry {
+                n_head,
+                n_kv_head,
+                head_dim,
+                sliding_window: w,
+                rope_theta: if w.is_some() { swa_theta } else { rope_theta },
+            })
+            .collect();
+        let arch = ModelArchitecture {
+            kind,
+            rope_style,
+            n_layer,
+            hidden,
+            intermediate,
+            vocab,
+            rms_eps,
+            max_context,
+            attn_scale,
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+            tied_embeddings: !self.has_tensor("output.weight"),
+            final_logit_softcap: self
+                .meta_f32(&key("final_logit_softcapping"))
+                .filter(|c| *c > 0.0),
+            bf16_buffers: false,
+            layers,
+            name,
+        };
+        arch.validate()?;
+        Ok(arch)
+    }
+}
+
+/// Convenience for callers holding a name → tensor-info map (tests, tools).
+pub fn tensor_names(g: &GgufFile) -> HashMap<String, Vec<usize>> {
+    g.content
+        .tensor_infos
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.dims().to_vec()))
+        .collect()
+}

@@ -1,0 +1,245 @@
+//! Building blocks shared by the forward passes: weights from either source, linear layers,
+//! embeddings read row by row, RMS norm and rotary embeddings.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+
+use super::arch::RopeStyle;
+use super::gguf::GgufFile;
+use super::safetensors::HfDir;
+
+/// Where the weights come from; tensors are named as llama.cpp names them.
+pub enum Source {
+    Gguf(Arc<GgufFile>),
+    Hf(HfDir),
+}
+
+impl Source {
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            Source::Gguf(g) => g.has_tensor(name),
+            Source::Hf(h) => h.has_tensor(name),
+        }
+    }
+
+    pub fn linear(&self, name: &str, device: &Device) -> Result<Linear> {
+        let w = match self {
+            Source::Gguf(g) => QMatMul::from_qtensor(g.qtensor(&format!("{name}.weight"), device)?)?,
+            Source::Hf(h) => QMatMul::Tensor(h.tensor(&format!("{name}.weight"), device)?),
+        };
+        let bias_name = format!("{name}.bias");
+        let b = if self.has(&bias_name) {
+            Some(self.vector(&bias_name, device)?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// A 1-D f32 tensor (norm weights, biases).
+    pub fn vector(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self {
+            Source::Gguf(g) => Ok(g.qtensor(name, device)?.dequantize(device)?),
+            Source::Hf(h) => h.tensor(name, device),
+        }
+    }
+
+    pub fn embedding(&self, name: &str, device: &Device) -> Result<Embedding> {
+        match self {
+            Source::Gguf(g) => {
+                let raw = g.raw(name)?;
+                if raw.dims.len() != 2 {
+                    bail!("`{name}` is not a matrix");
+                }
+                let (rows, cols) = (raw.dims[0], raw.dims[1]);
+                let offset = raw.data.as_ptr() as usize - g.mmap.as_ptr() as usize;
+                Ok(Embedding::Mapped {
+                    file: g.clone(),
+                    offset,
+                    rows,
+                    cols,
+                    dtype: raw.dtype,
+                    device: device.clone(),
+                })
+            }
+            Source::Hf(h) => Ok(Embedding::Dense(h.tensor(name, device)?)),
+        }
+    }
+}
+
+pub struct Linear {
+    pub w: QMatMul,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x` [t, in] → [t, out]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Token embeddings. GGUF tables stay in the map and only the rows asked for are dequantized.
+pub enum Embedding {
+    Dense(Tensor),
+    Mapped {
+        file: Arc<GgufFile>,
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        dtype: GgmlDType,
+        device: Device,
+    },
+}
+
+impl Embedding {
+    /// `ids` [t] → [t, hidden]
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => {
+                let idx = Tensor::new(ids, t.device())?;
+                Ok(t.index_select(&idx, 0)?)
+            }
+            Embedding::Mapped {
+                file,
+                offset,
+                rows,
+                cols,
+                dtype,
+                device,
+            } => {
+                let row_bytes = cols / dtype.block_size() * dtype.type_size();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (i, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    if id >= *rows {
+                        bail!("token id {id} is outside the vocabulary of {rows}");
+                    }
+                    let start = offset + id * row_bytes;
+                    let src = &file.mmap[start..start + row_bytes];
+                    dequantize_row(*dtype, src, &mut out[i * cols..(i + 1) * cols])?;
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), *cols), device)?)
+            }
+        }
+    }
+}
+
+fn blocks<T: GgmlType>(src: &[u8], dst: &mut [f32]) {
+    // SAFETY: ggml blocks are plain-old-data; GGUF aligns tensor data to 32 bytes and rows hold
+    // whole blocks, so the cast is aligned and in bounds.
+    let xs = unsafe {
+        std::slice::from_raw_parts(
+            src.as_ptr() as *const T,
+            src.len() / std::mem::size_of::<T>(),
+        )
+    };
+    T::to_float(xs, dst);
+}
+
+/// Dequantizes one row of ggml blocks.
+pub fn dequantize_row(dtype: GgmlDType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    match dtype {
+        GgmlDType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        GgmlDType::F16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        GgmlDType::BF16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::bf16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        GgmlDType::Q4_0 => blocks::<BlockQ4_0>(src, dst),
+        GgmlDType::Q4_1 => blocks::<BlockQ4_1>(src, dst),
+        GgmlDType::Q5_0 => blocks::<BlockQ5_0>(src, dst),
+        GgmlDType::Q5_1 => blocks::<BlockQ5_1>(src, dst),
+        GgmlDType::Q8_0 => blocks::<BlockQ8_0>(src, dst),
+        GgmlDType::Q2K => blocks::<BlockQ2K>(src, dst),
+        GgmlDType::Q3K => blocks::<BlockQ3K>(src, dst),
+        GgmlDType::Q4K => blocks::<BlockQ4K>(src, dst),
+        GgmlDType::Q5K => blocks::<BlockQ5K>(src, dst),
+        GgmlDType::Q6K => blocks::<BlockQ6K>(src, dst),
+        other => bail!("cannot read embedding rows of type {other:?}"),
+    }
+    Ok(())
+}
+
+pub struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(src: &Source, name: &str, eps: f64, device: &Device) -> Result<Self> {
+        Ok(Self {
+            w: src
+                .vector(&format!("{name}.weight"), device)
+                .with_context(|| format!("loading norm `{name}`"))?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalizes the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.w, self.eps)?)
+    }
+}
+
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Rotary embedding tables for one base frequency.
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    style: RopeStyle,
+}
+
+impl Rope {
+    pub fn new(theta: f32, head_dim: usize, style: RopeStyle, bf16_freqs: bool) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .map(|f| if bf16_freqs { round_bf16(f) } else { f })
+            .collect();
+        Self { inv_freq, style }
+    }
+
+    /// Rotates `x` [t, n_head, head_dim] in place for positions `pos..pos+t`.
+    pub fn apply(&self, x: &mut [f32], pos: usize, n_head: usize) {
+        let half = self.inv_freq.len();
+        let hd = 2 * half;
+        let t = x.len() / (n_head * hd);
+        let mut cs = vec![(0f32, 0f32); half];
+        for ti in 0..t {
+            let p = (pos + ti) as f32;
+            for (c, f) in cs.iter_mut().zip(&self.inv_freq) {
+                *c = (p * f).sin_cos();
+            }
+            for h in 0..n_head {
+                let v = &mut x[(ti * n_head + h) * hd..][..hd];
+                for (i, &(sin, cos)) in cs.iter().enumerate() {
+                    let (a, b) = match self.style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x0, x1) = (v[a], v[b]);
+                    v[a] = x0 * cos - x1 * sin;
+                    v[b] = x0 * sin + x1 * cos;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Hugging Face model directories: config.json + *.safetensors (mmap'd) + tokenizer.json.
+//!
+//! Tensors are looked up by their llama.cpp (GGUF) names so one forward pass serves both sources;
+//! the HF → GGUF renaming and gemma's `1 + w` norm convention live here, as in llama.cpp's converter.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::arch::{ArchKind, LayerGeometry, ModelArchitecture, RopeStyle, cfg_usize};
+
+pub struct HfDir {
+    pub dir: PathBuf,
+    pub config: serde_json::Value,
+    maps: Vec<Mmap>,
+    /// tensor name → index into `maps`
+    index: HashMap<String, usize>,
+    kind: ArchKind,
+}
+
+impl HfDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                // HF shards are `model.safetensors` or `model-0000i-of-0000n.safetensors`.
+                p.extension().is_some_and(|e| e == "safetensors")
+                    && p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("model"))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{}: no *.safetensors files", dir.display());
+        }
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path)?;
+            // SAFETY: read-only map of a model file that is not modified while loaded.
+            let mmap = unsafe { Mmap::map(&file) }?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| anyhow::anyhow!("{}: malformed safetensors: {e}", path.display()))?;
+            for name in st.names() {
+                index.insert(name.to_string(), i);
+            }
+            maps.push(mmap);
+        }
+        let kind = match model_type(&config)? {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => ArchKind::Llama,
+            "gemma3" | "gemma3_text" => ArchKind::Gemma3,
+            other => bail!(
+                "unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, gemma3)"
+            ),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            maps,
+            index,
+            kind,
+        })
+    }
+
+    pub fn has_tensor(&self, gguf_name: &str) -> bool {
+        self.index.contains_key(&self.hf_name(gguf_name))
+    }
+
+    /// The tensor as f32 on `device`, looked up by its GGUF name.
+    pub fn tensor(&self, gguf_name: &str, device: &Device) -> Result<Tensor> {
+        let hf = self.hf_name(gguf_name);
+        let i = *self
+            .index
+            .get(&hf)
+            .with_context(|| format!("missing tensor `{hf}` in {}", self.dir.display()))?;
+        let st = SafeTensors::deserialize(&self.maps[i])?;
+        let view = st.tensor(&hf)?;
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => bail!("tensor `{hf}`: unsupported dtype {other:?} (f32, f16, bf16)"),
+        };
+        let mut t = Tensor::from_vec(values, view.shape(), device)?;
+        if self.kind == ArchKind::Gemma3 && gguf_name.ends_with("norm.weight") {
+            t = (t + 1.0)?;
+        }
+        Ok(t)
+    }
+
+    fn hf_name(&self, gguf_name: &str) -> String {
+        let (stem, suffix) = gguf_name
+            .rsplit_once('.')
+            .unwrap_or((gguf_name, "weight"));
+        let mapped = match stem {
+            "token_embd" => "model.embed_tokens".to_string(),
+            "output_norm" => "model.norm".to_string(),
+            "output" => "lm_head".to_string(),
+            _ => match stem.strip_prefix("blk.").and_then(|s| s.split_once('.')) {
+                Some((il, part)) => {
+                    let gemma = self.kind == ArchKind::Gemma3;
+                    let hf_part = match part {
+                        "attn_norm" => "input_layernorm",
+                        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+                        "ffn_norm" => "post_attention_layernorm",
+                        "post_attention_norm" => "post_attention_layernorm",
+                        "post_ffw_norm" => "post_feedforward_layernorm",
+                        "attn_q" => "self_attn.q_proj",
+                        "attn_k" => "self_attn.k_proj",
+                        "attn_v" => "self_attn.v_proj",
+                        "attn_output" => "self_attn.o_proj",
+                        "attn_q_norm" => "self_attn.q_norm",
+                        "attn_k_norm" => "self_attn.k_norm",
+                        "ffn_gate" => "mlp.gate_proj",
+                        "ffn_up" => "mlp.up_proj",
+                        "ffn_down" => "mlp.down_proj",
+                        other => other,
+                    };
+                    format!("model.layers.{il}.{hf_part}")
+                }
+                None => stem.to_string(),
+            },
+        };
+        format!("{mapped}.{suffix}")
+    }
+
+    pub fn tokenizer_json(&self) -> Option<PathBuf> {
+        let p = self.dir.join("tokenizer.json");
+        p.exists().then_some(p)
+    }
+
+    pub fn architecture_geometry(&self) -> Result<ModelArchitecture> {
+        let c = &self.config;
+        let name = model_type(c)?.to_string();
+        let n_layer = cfg_usize(c, "num_hidden_layers")?;
+        let hidden = cfg_usize(c, "hidden_size")?;
+        let n_head = cfg_usize(c, "num_attention_heads")?;
+        let n_kv_head = cfg_usize(c, "num_key_value_heads").unwrap_or(n_head);
+        let head_dim = cfg_usize(c, "head_dim").unwrap_or(hidden / n_head.max(1));
+        let f = |k: &str| c.get(k).and_then(|v| v.as_f64());
+        let theta_of = |layer_type: &str| -> f32 {
+            let rp = c.get("rope_parameters");
+            rp.and_then(|r| r.get(layer_type))
+                .and_then(|r| r.get("rope_theta"))
+                .or_else(|| rp.and_then(|r| r.get("rope_theta")))
+                .and_then(|v| v.as_f64())
+                .or_else(|| f("rope_theta"))
+                .unwrap_or(10000.0) as f32
+        };
+        let window = cfg_usize(c, "sliding_window").ok();
+        let layer_types: Option<Vec<String>> = c.get("layer_types").and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|s| s.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+        });
+        let layers = (0..n_layer)
+            .map(|il| {
+                let sliding = layer_types
+                    .as_ref()
+                    .and_then(|t| t.get(il))
+                    .is_some_and(|t| t == "sliding_attention");
+                let sliding_window = if sliding { window } else { None };
+                LayerGeometry {
+                    n_head,
+                    n_kv_head,
+                    head_dim,
+                    sliding_window,
+                    rope_theta: theta_of(if sliding {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }),
+                }
+            })
+            .collect();
+        let attn_scale = match f("query_pre_attn_scalar") {
+            Some(s) => 1.0 / (s as f32).sqrt(),
+            None => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let arch = ModelArchitecture {
+            kind: self.kind,
+            rope_style: RopeStyle::Neox,
+            n_layer,
+            hidden,
+            intermediate: cfg_usize(c, "intermediate_size")?,
+            vocab: cfg_usize(c, "vocab_size")?,
+            rms_eps: f("rms_norm_eps").unwrap_or(1e-6),
+            max_context: cfg_usize(c, "max_position_embeddings").unwrap_or(4096),
+            attn_scale,
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            qk_norm: self.has_tensor("blk.0.attn_q_norm.weight"),
+            tied_embeddings: !self.has_tensor("output.weight"),
+            final_logit_softcap: f("final_logit_softcapping").map(|v| v as f32),
+            bf16_buffers: ["dtype", "torch_dtype"]
+                .iter()
+                .any(|k| c.get(*k).and_then(|v| v.as_str()) == Some("bfloat16")),
+            layers,
+            name,
+        };
+        arch.validate()?;
+        Ok(arch)
+    }
+}
+
+fn model_type(cfg: &serde_json::Value) -> Result<&str> {
+    cfg.get("model_type")
+        .and_then(|v| v.as_str())
+        .context("config.json: missing `model_type`")
+}
