@@ -1,6 +1,5 @@
 //! GGUF files: memory-mapped, metadata parsed by candle, tensors read straight from the map.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Cursor;
 use std::path::Path;
@@ -18,7 +17,7 @@ pub struct GgufFile {
     pub content: Content,
 }
 
-/// A tensor's bytes inside the map, with its type and shape (ggml order reversed: rows first).
+/// A tensor's bytes inside the map, with its type and shape (candle order: rows first).
 pub struct RawTensor<'a> {
     pub data: &'a [u8],
     pub dtype: GgmlDType,
@@ -113,12 +112,10 @@ impl GgufFile {
             .get(name)
             .with_context(|| format!("missing tensor `{name}` in GGUF"))?;
         let range = self.tensor_range(name, info)?;
-        let mut dims = info.shape.dims().to_vec();
-        dims.reverse();
         Ok(RawTensor {
             data: &self.mmap[range],
             dtype: info.ggml_dtype,
-            dims,
+            dims: info.shape.dims().to_vec(),
         })
     }
 
@@ -225,13 +222,4 @@ impl GgufFile {
         arch.validate()?;
         Ok(arch)
     }
-}
-
-/// Convenience for callers holding a name → tensor-info map (tests, tools).
-pub fn tensor_names(g: &GgufFile) -> HashMap<String, Vec<usize>> {
-    g.content
-        .tensor_infos
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shape.dims().to_vec()))
-        .collect()
 }
