@@ -13,6 +13,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::arch::RopeStyle;
 use super::gguf::GgufFile;
+use super::quant::q4_1::Q4_1Matrix;
 use super::safetensors::HfDir;
 
 /// Where the weights come from; tensors are named as llama.cpp names them.
@@ -30,9 +31,18 @@ impl Source {
     }
 
     pub fn linear(&self, name: &str, device: &Device) -> Result<Linear> {
+        let wname = format!("{name}.weight");
         let w = match self {
-            Source::Gguf(g) => QMatMul::from_qtensor(g.qtensor(&format!("{name}.weight"), device)?)?,
-            Source::Hf(h) => QMatMul::Tensor(h.tensor(&format!("{name}.weight"), device)?),
+            Source::Gguf(g) => {
+                let raw = g.raw(&wname)?;
+                if raw.dtype == GgmlDType::Q4_1 && device.is_cpu() && raw.dims.len() == 2 {
+                    let offset = raw.data.as_ptr() as usize - g.mmap.as_ptr() as usize;
+                    Weight::Q4_1(Q4_1Matrix::new(g.clone(), offset, raw.dims[0], raw.dims[1])?)
+                } else {
+                    Weight::Candle(QMatMul::from_qtensor(g.qtensor(&wname, device)?)?)
+                }
+            }
+            Source::Hf(h) => Weight::Candle(QMatMul::Tensor(h.tensor(&wname, device)?)),
         };
         let bias_name = format!("{name}.bias");
         let b = if self.has(&bias_name) {
@@ -74,15 +84,23 @@ impl Source {
     }
 }
 
+pub enum Weight {
+    Candle(QMatMul),
+    Q4_1(Q4_1Matrix),
+}
+
 pub struct Linear {
-    pub w: QMatMul,
+    pub w: Weight,
     pub b: Option<Tensor>,
 }
 
 impl Linear {
     /// `x` [t, in] → [t, out]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = match &self.w {
+            Weight::Candle(w) => w.forward(x)?,
+            Weight::Q4_1(w) => w.forward(x)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -6,6 +6,7 @@ pub mod gemma;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
+pub mod quant;
 pub mod safetensors;
 
 use std::path::Path;

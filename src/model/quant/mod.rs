@@ -1,0 +1,3 @@
+//! Hand-written CPU matmul kernels for weight types whose candle kernels are scalar.
+
+pub mod q4_1;

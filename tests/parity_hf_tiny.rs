@@ -1,0 +1,72 @@
+//! Architecture parity: our forward passes against transformers' logits on the tiny HF fixtures.
+
+mod common;
+
+use candle_core::{DType, Device};
+use dhurandhar::engine::sampling::{Sampler, SamplingParams};
+use dhurandhar::engine::{Engine, EngineConfig};
+use dhurandhar::kv::CacheType;
+use dhurandhar::model::Logits;
+
+fn engine(arch: &str) -> Engine {
+    Engine::load(&EngineConfig {
+        model: common::fixture(arch),
+        n_ctx: 128,
+        cache_k: CacheType::F32,
+        cache_v: CacheType::F32,
+        chat_template: None,
+    })
+    .unwrap()
+}
+
+fn check(arch: &str) {
+    let e = engine(arch);
+    let refs = candle_core::safetensors::load(
+        common::fixture(arch).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = refs["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+    let want = refs["logits"].to_vec3::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (row, want_row) in ids.iter().zip(&want) {
+        let mut cache = e.new_cache(128).unwrap();
+        let got = e
+            .model
+            .forward(row, &mut cache, Logits::All)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (g, w) in got.iter().zip(want_row) {
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    eprintln!("{arch}: max |logit - reference| = {worst:e}");
+    assert!(worst < 1e-3, "{arch}: logits differ by {worst}");
+
+    let prompt = refs["greedy_prompt"].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    let expect = refs["greedy_tokens"].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    let mut cache = e.new_cache(128).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let out = e
+        .generate(&mut cache, &prompt, expect.len(), &mut sampler, &[], |_, _| true)
+        .unwrap();
+    assert_eq!(out.tokens, expect, "{arch}: greedy continuation differs");
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check("llama");
+}
+
+#[test]
+fn qwen2_matches_transformers() {
+    check("qwen2");
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check("gemma3");
+}
