@@ -13,7 +13,11 @@ use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
 
 #[derive(Parser)]
-#[command(name = "dh-server", version, about = "llama.cpp-style inference with a compressed KV cache")]
+#[command(
+    name = "dh-server",
+    version,
+    about = "llama.cpp-style inference with a compressed KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -192,7 +196,14 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => a.model.engine().and_then(|e| {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;
-            perplexity(&e, &text, a.model.ctx_size, a.chunks, &mut std::io::stdout()).map(|_| ())
+            perplexity(
+                &e,
+                &text,
+                a.model.ctx_size,
+                a.chunks,
+                &mut std::io::stdout(),
+            )
+            .map(|_| ())
         }),
     };
     match result {

@@ -18,7 +18,10 @@ fn run_fails(args: &[&str], expect: &str) {
         "error line `{}` should mention `{expect}`",
         errors[0]
     );
-    assert!(!stderr.contains("panicked"), "panic reached the user:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panic reached the user:\n{stderr}"
+    );
 }
 
 fn gguf_with(path: &Path, arch: &str) {
@@ -44,7 +47,10 @@ fn not_a_gguf_file() {
     let dir = tempdir("notgguf");
     let p = dir.join("x.gguf");
     std::fs::write(&p, b"this is not a model").unwrap();
-    run_fails(&["run", "-m", p.to_str().unwrap(), "-p", "hi"], "not a GGUF file");
+    run_fails(
+        &["run", "-m", p.to_str().unwrap(), "-p", "hi"],
+        "not a GGUF file",
+    );
 }
 
 #[test]
@@ -72,12 +78,18 @@ fn missing_tensor() {
     let dir = tempdir("missing");
     let p = dir.join("m.gguf");
     gguf_with(&p, "llama");
-    run_fails(&["run", "-m", p.to_str().unwrap(), "-p", "hi"], "missing tensor");
+    run_fails(
+        &["run", "-m", p.to_str().unwrap(), "-p", "hi"],
+        "missing tensor",
+    );
 }
 
 #[test]
 fn missing_model_file() {
-    run_fails(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"], "not found");
+    run_fails(
+        &["run", "-m", "/nonexistent/model.gguf", "-p", "hi"],
+        "not found",
+    );
 }
 
 #[test]
@@ -85,7 +97,17 @@ fn prompt_longer_than_context() {
     let m = common::smollm2();
     let long = "word ".repeat(64);
     run_fails(
-        &["run", "-m", m.to_str().unwrap(), "-c", "16", "-p", &long, "-n", "4"],
+        &[
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "-c",
+            "16",
+            "-p",
+            &long,
+            "-n",
+            "4",
+        ],
         "context holds 16",
     );
 }

@@ -26,7 +26,11 @@ fn check(arch: &str) {
         &Device::Cpu,
     )
     .unwrap();
-    let ids = refs["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+    let ids = refs["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
     let want = refs["logits"].to_vec3::<f32>().unwrap();
     let mut worst = 0f32;
     for (row, want_row) in ids.iter().zip(&want) {
@@ -46,12 +50,27 @@ fn check(arch: &str) {
     eprintln!("{arch}: max |logit - reference| = {worst:e}");
     assert!(worst < 1e-3, "{arch}: logits differ by {worst}");
 
-    let prompt = refs["greedy_prompt"].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
-    let expect = refs["greedy_tokens"].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    let prompt = refs["greedy_prompt"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let expect = refs["greedy_tokens"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
     let mut cache = e.new_cache(128).unwrap();
     let mut sampler = Sampler::new(SamplingParams::greedy());
     let out = e
-        .generate(&mut cache, &prompt, expect.len(), &mut sampler, &[], |_, _| true)
+        .generate(
+            &mut cache,
+            &prompt,
+            expect.len(),
+            &mut sampler,
+            &[],
+            |_, _| true,
+        )
         .unwrap();
     assert_eq!(out.tokens, expect, "{arch}: greedy continuation differs");
 }

@@ -60,7 +60,9 @@ pub fn perplexity(
             chunk[0] = bos;
         }
         cache.truncate(0);
-        let logits = engine.model.forward(&chunk, &mut cache, Logits::From(first))?;
+        let logits = engine
+            .model
+            .forward(&chunk, &mut cache, Logits::From(first))?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let targets = &tokens[start + first + 1..start + n_ctx];
         let (s, s2) = targets

@@ -76,13 +76,20 @@ mod tests {
                 true,
             )
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error() {
-        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "".into(), "".into())
-            .unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('no system role') }}",
+            "".into(),
+            "".into(),
+        )
+        .unwrap();
         let err = t.render(&[], None, false).unwrap_err();
         assert!(format!("{err:#}").contains("no system role"));
     }

@@ -50,7 +50,11 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
                 p.clone()
             };
             // A rendered template carries its own BOS.
-            let add_bos = !(opts.chat && tok.bos.and_then(|b| tok.token_str(b)).is_some_and(|b| text.starts_with(&b)));
+            let add_bos = !(opts.chat
+                && tok
+                    .bos
+                    .and_then(|b| tok.token_str(b))
+                    .is_some_and(|b| text.starts_with(&b)));
             tok.encode(&text, add_bos)?
         }
         (None, None) => bail!("nothing to run: pass -p PROMPT or --prompt-ids 1,2,3"),
@@ -114,7 +118,11 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         prompt.len() as f64 / out.prompt_ms * 1e3,
         n,
         out.gen_ms,
-        if n > 1 { (n - 1) as f64 / out.gen_ms * 1e3 } else { 0.0 },
+        if n > 1 {
+            (n - 1) as f64 / out.gen_ms * 1e3
+        } else {
+            0.0
+        },
     );
     Ok(())
 }

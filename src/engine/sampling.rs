@@ -70,7 +70,11 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        let k = if p.top_k == 0 {
+            cand.len()
+        } else {
+            p.top_k.min(cand.len())
+        };
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(k);
@@ -124,7 +128,11 @@ impl Sampler {
                 continue;
             };
             if p.repeat_penalty != 1.0 {
-                *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repeat_penalty
+                } else {
+                    *l * p.repeat_penalty
+                };
             }
             *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
         }

@@ -43,47 +43,45 @@ pub fn attention(
     let mut out = vec![0f32; q.len()];
     {
         let cache = &*cache;
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; hd], Vec::<f32>::new()),
-                |(qr, scores), (idx, o)| {
-                    let (ti, h) = (idx / n_head, idx % n_head);
-                    let kvh = h / group;
-                    let qpos = pos + ti;
-                    let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                    let past = lo.min(pos)..pos;
-                    let own = lo.max(pos)..qpos + 1;
-                    let qv = &q[idx * hd..(idx + 1) * hd];
-                    cache.k.codec.prepare_query(qv, qr);
-                    scores.clear();
-                    for p in past.clone() {
-                        scores.push(cache.k.codec.dot(qr, cache.k.row(kvh, p)) * scale);
-                    }
-                    for p in own.clone() {
-                        let kr = &k[((p - pos) * n_kv + kvh) * hd..][..hd];
-                        scores.push(dot_f32(qv, kr) * scale);
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    let n_past = past.len();
-                    // V of the past accumulates in the codec's domain; the chunk's own V in plain space.
-                    o.fill(0.0);
-                    for (i, p) in past.enumerate() {
-                        cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
-                    }
-                    cache.v.codec.finish_output(o);
-                    for (i, p) in own.enumerate() {
-                        let vr = &v[((p - pos) * n_kv + kvh) * hd..][..hd];
-                        axpy_f32(scores[n_past + i] * inv, vr, o);
-                    }
-                },
-            );
+        out.par_chunks_mut(hd).enumerate().for_each_init(
+            || (vec![0f32; hd], Vec::<f32>::new()),
+            |(qr, scores), (idx, o)| {
+                let (ti, h) = (idx / n_head, idx % n_head);
+                let kvh = h / group;
+                let qpos = pos + ti;
+                let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+                let past = lo.min(pos)..pos;
+                let own = lo.max(pos)..qpos + 1;
+                let qv = &q[idx * hd..(idx + 1) * hd];
+                cache.k.codec.prepare_query(qv, qr);
+                scores.clear();
+                for p in past.clone() {
+                    scores.push(cache.k.codec.dot(qr, cache.k.row(kvh, p)) * scale);
+                }
+                for p in own.clone() {
+                    let kr = &k[((p - pos) * n_kv + kvh) * hd..][..hd];
+                    scores.push(dot_f32(qv, kr) * scale);
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let n_past = past.len();
+                // V of the past accumulates in the codec's domain; the chunk's own V in plain space.
+                o.fill(0.0);
+                for (i, p) in past.enumerate() {
+                    cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+                }
+                cache.v.codec.finish_output(o);
+                for (i, p) in own.enumerate() {
+                    let vr = &v[((p - pos) * n_kv + kvh) * hd..][..hd];
+                    axpy_f32(scores[n_past + i] * inv, vr, o);
+                }
+            },
+        );
     }
     for ti in 0..t {
         for h in 0..n_kv {

@@ -57,10 +57,7 @@ impl FromStr for CacheType {
             Some(t) => Ok(*t),
             None => {
                 let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
-                bail!(
-                    "unknown cache type `{s}` (supported: {})",
-                    names.join(", ")
-                )
+                bail!("unknown cache type `{s}` (supported: {})", names.join(", "))
             }
         }
     }

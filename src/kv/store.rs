@@ -49,7 +49,8 @@ impl RowStore {
         let start = (head * self.capacity + slot) * self.row_bytes;
         let rb = self.row_bytes;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.data);
-        self.codec.quantize_row(values, &mut bytes[start..start + rb]);
+        self.codec
+            .quantize_row(values, &mut bytes[start..start + rb]);
     }
 }
 

@@ -23,7 +23,12 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    pub fn load(src: &Source, arch: &ModelArchitecture, il: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        src: &Source,
+        arch: &ModelArchitecture,
+        il: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let g = &arch.layers[il];
         let p = format!("blk.{il}");
         let norm = |n: &str| -> Result<Option<RmsNorm>> {

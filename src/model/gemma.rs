@@ -21,7 +21,12 @@ pub struct GemmaBlock {
 }
 
 impl GemmaBlock {
-    pub fn load(src: &Source, arch: &ModelArchitecture, il: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        src: &Source,
+        arch: &ModelArchitecture,
+        il: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let p = format!("blk.{il}");
         let norm = |n: &str| RmsNorm::load(src, &format!("{p}.{n}"), arch.rms_eps, device);
         Ok(Self {

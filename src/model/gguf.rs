@@ -57,7 +57,7 @@ impl GgufFile {
     ) -> Result<std::ops::Range<usize>> {
         let n = info.shape.elem_count();
         let bs = info.ggml_dtype.block_size();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             bail!("tensor `{name}`: {n} values is not a multiple of the block size {bs}");
         }
         let start = self.content.tensor_data_offset as usize + info.offset as usize;
@@ -69,7 +69,9 @@ impl GgufFile {
     }
 
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.meta(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
     }
 
     pub fn meta_u32(&self, key: &str) -> Option<u32> {
@@ -183,9 +185,7 @@ impl GgufFile {
             vec![None; n_layer]
         };
         // llama.cpp: gemma3 sliding layers use 10k unless the file says otherwise; 27B scales by hidden/heads.
-        let swa_theta = self
-            .meta_f32(&key("rope.freq_base_swa"))
-            .unwrap_or(10000.0);
+        let swa_theta = self.meta_f32(&key("rope.freq_base_swa")).unwrap_or(10000.0);
         if kind == ArchKind::Gemma3 && n_layer == 62 {
             attn_scale = 1.0 / ((hidden / n_head) as f32).sqrt();
         }

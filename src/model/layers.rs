@@ -37,7 +37,12 @@ impl Source {
                 let raw = g.raw(&wname)?;
                 if raw.dtype == GgmlDType::Q4_1 && device.is_cpu() && raw.dims.len() == 2 {
                     let offset = raw.data.as_ptr() as usize - g.mmap.as_ptr() as usize;
-                    Weight::Q4_1(Q4_1Matrix::new(g.clone(), offset, raw.dims[0], raw.dims[1])?)
+                    Weight::Q4_1(Q4_1Matrix::new(
+                        g.clone(),
+                        offset,
+                        raw.dims[0],
+                        raw.dims[1],
+                    )?)
                 } else {
                     Weight::Candle(QMatMul::from_qtensor(g.qtensor(&wname, device)?)?)
                 }

@@ -18,7 +18,12 @@ pub struct LlamaBlock {
 }
 
 impl LlamaBlock {
-    pub fn load(src: &Source, arch: &ModelArchitecture, il: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        src: &Source,
+        arch: &ModelArchitecture,
+        il: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let p = format!("blk.{il}");
         Ok(Self {
             attn_norm: RmsNorm::load(src, &format!("{p}.attn_norm"), arch.rms_eps, device)?,

@@ -83,7 +83,11 @@ impl Model {
         let norm = RmsNorm::load(&source, "output_norm", arch.rms_eps, device)?;
         let embed_scale = (arch.kind == ArchKind::Gemma3).then(|| {
             let s = (arch.hidden as f32).sqrt();
-            (if arch.bf16_buffers { layers::round_bf16(s) } else { s }) as f64
+            (if arch.bf16_buffers {
+                layers::round_bf16(s)
+            } else {
+                s
+            }) as f64
         });
         Ok(Self {
             arch,

@@ -35,8 +35,7 @@ impl HfDir {
             .filter(|p| {
                 // HF shards are `model.safetensors` or `model-0000i-of-0000n.safetensors`.
                 p.extension().is_some_and(|e| e == "safetensors")
-                    && p
-                        .file_name()
+                    && p.file_name()
                         .and_then(|n| n.to_str())
                         .is_some_and(|n| n.starts_with("model"))
             })
@@ -111,9 +110,7 @@ impl HfDir {
     }
 
     fn hf_name(&self, gguf_name: &str) -> String {
-        let (stem, suffix) = gguf_name
-            .rsplit_once('.')
-            .unwrap_or((gguf_name, "weight"));
+        let (stem, suffix) = gguf_name.rsplit_once('.').unwrap_or((gguf_name, "weight"));
         let mapped = match stem {
             "token_embd" => "model.embed_tokens".to_string(),
             "output_norm" => "model.norm".to_string(),

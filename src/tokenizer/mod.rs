@@ -94,7 +94,9 @@ impl Tok {
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
             eog,
-            add_bos: g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama"),
+            add_bos: g
+                .meta_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(model == "llama"),
             chat_template: g.meta_str("tokenizer.chat_template").map(str::to_string),
         })
     }
@@ -102,15 +104,17 @@ impl Tok {
     /// An HF `tokenizer.json` plus `tokenizer_config.json` (BOS, EOS, chat template) when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let inner =
+            Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
         let tok_id = |k: &str| {
             let v = cfg.get(k)?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             inner.token_to_id(s)
         };
         let vocab: Vec<String> = (0..inner.get_vocab_size(true) as u32)
@@ -120,7 +124,10 @@ impl Tok {
             bos: tok_id("bos_token"),
             eos: tok_id("eos_token"),
             eog: eog_tokens(&vocab),
-            add_bos: cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
             chat_template: cfg
                 .get("chat_template")
                 .and_then(|v| v.as_str())
@@ -159,7 +166,10 @@ fn gpt2_tokenizer(g: &GgufFile, tokens: &[String]) -> Result<Tokenizer> {
     let merges: Vec<(String, String)> = strings(g.meta("tokenizer.ggml.merges"))
         .context("BPE tokenizer without tokenizer.ggml.merges")?
         .into_iter()
-        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .filter_map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
         .collect();
     let vocab: Vocab = tokens
         .iter()
@@ -241,7 +251,9 @@ fn spm_tokenizer(g: &GgufFile, tokens: &[String], types: &[i32]) -> Result<Token
         .map_err(|e| anyhow::anyhow!("building SentencePiece BPE: {e}"))?;
     let mut tk = Tokenizer::new(bpe);
     let replace = Replace::new(" ", "▁").map_err(|e| anyhow::anyhow!("{e}"))?;
-    if g.meta_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true) {
+    if g.meta_bool("tokenizer.ggml.add_space_prefix")
+        .unwrap_or(true)
+    {
         tk.with_normalizer(Some(NormalizerSequence::new(vec![
             Prepend::new("▁".into()).into(),
             replace.into(),

@@ -14,7 +14,9 @@ pub fn shared_dir() -> PathBuf {
         .into_iter()
         .flatten()
         .find(|p| p.join("fixtures/hf-tiny").is_dir())
-        .expect("shared fixtures not found: set DH_SHARED to the folder holding fixtures/ and data/")
+        .expect(
+            "shared fixtures not found: set DH_SHARED to the folder holding fixtures/ and data/",
+        )
 }
 
 pub fn fixture(arch: &str) -> PathBuf {
@@ -23,7 +25,9 @@ pub fn fixture(arch: &str) -> PathBuf {
 
 /// A model fetched by scripts/fetch-models.sh.
 pub fn model(file: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(file);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
     assert!(
         p.exists(),
         "{} missing: run scripts/fetch-models.sh",

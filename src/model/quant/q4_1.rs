@@ -36,7 +36,7 @@ pub struct Q4_1Matrix {
 
 impl Q4_1Matrix {
     pub fn new(file: Arc<GgufFile>, offset: usize, rows: usize, cols: usize) -> Result<Self> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             bail!("Q4_1 matrix with {cols} columns (not a multiple of {QK})");
         }
         Ok(Self {
@@ -57,7 +57,10 @@ impl Q4_1Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.cols {
-            bail!("Q4_1 matmul: input has {k} features, weights expect {}", self.cols);
+            bail!(
+                "Q4_1 matmul: input has {k} features, weights expect {}",
+                self.cols
+            );
         }
         let xs = x.to_vec2::<f32>()?;
         let nb = k / QK;
@@ -136,9 +139,9 @@ fn dot_scalar(w: &[u8], x: &[Q8Block]) -> f32 {
         let (d, m) = block_scales(b);
         let qs = &b[4..];
         let mut acc = 0i32;
-        for j in 0..QK / 2 {
-            acc += (qs[j] & 0x0F) as i32 * y.qs[j] as i32;
-            acc += (qs[j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
+        for (j, &q) in qs.iter().enumerate().take(QK / 2) {
+            acc += (q & 0x0F) as i32 * y.qs[j] as i32;
+            acc += (q >> 4) as i32 * y.qs[j + QK / 2] as i32;
         }
         sum += d * y.d * acc as f32 + m * y.s;
     }
@@ -187,7 +190,7 @@ mod tests {
         for blk in 0..2u8 {
             w.extend_from_slice(&f16::from_f32(0.05 + blk as f32 * 0.01).to_le_bytes());
             w.extend_from_slice(&f16::from_f32(-0.3).to_le_bytes());
-            w.extend((0..16u8).map(|j| (j.wrapping_mul(7).wrapping_add(blk)) & 0xFF));
+            w.extend((0..16u8).map(|j| j.wrapping_mul(7).wrapping_add(blk)));
         }
         let xf: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin()).collect();
         let qx = quantize_row(&xf);
@@ -203,6 +206,9 @@ mod tests {
         let s = dot_scalar(&w, &qx);
         let v = dot(&w, &qx);
         assert!((s - v).abs() < 1e-4, "scalar {s} vs simd {v}");
-        assert!((s - exact).abs() < 0.02 * exact.abs().max(1.0), "{s} vs {exact}");
+        assert!(
+            (s - exact).abs() < 0.02 * exact.abs().max(1.0),
+            "{s} vs {exact}"
+        );
     }
 }
