@@ -3,6 +3,7 @@
 //! full precision. The chunk is appended to the store afterwards.
 
 use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::codec::{axpy_f32, dot_f32};
@@ -38,56 +39,175 @@ pub fn attention(
             cache.k.capacity
         );
     }
-    let group = n_head / n_kv;
-    let window = cache.sliding_window;
-    let mut out = vec![0f32; q.len()];
-    {
-        let cache = &*cache;
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            || (vec![0f32; hd], Vec::<f32>::new()),
-            |(qr, scores), (idx, o)| {
-                let (ti, h) = (idx / n_head, idx % n_head);
-                let kvh = h / group;
-                let qpos = pos + ti;
-                let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                let past = lo.min(pos)..pos;
-                let own = lo.max(pos)..qpos + 1;
-                let qv = &q[idx * hd..(idx + 1) * hd];
-                cache.k.codec.prepare_query(qv, qr);
-                scores.clear();
-                for p in past.clone() {
-                    scores.push(cache.k.codec.dot(qr, cache.k.row(kvh, p)) * scale);
-                }
-                for p in own.clone() {
-                    let kr = &k[((p - pos) * n_kv + kvh) * hd..][..hd];
-                    scores.push(dot_f32(qv, kr) * scale);
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let n_past = past.len();
-                // V of the past accumulates in the codec's domain; the chunk's own V in plain space.
-                o.fill(0.0);
-                for (i, p) in past.enumerate() {
-                    cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
-                }
-                cache.v.codec.finish_output(o);
-                for (i, p) in own.enumerate() {
-                    let vr = &v[((p - pos) * n_kv + kvh) * hd..][..hd];
-                    axpy_f32(scores[n_past + i] * inv, vr, o);
-                }
-            },
-        );
-    }
+    let shape = Shape {
+        t,
+        n_head,
+        n_kv,
+        hd,
+        pos,
+        scale,
+    };
+    let out = if t == 1 {
+        decode(cache, q, k, v, &shape)
+    } else {
+        prefill(cache, q, k, v, &shape)?
+    };
     for ti in 0..t {
         for h in 0..n_kv {
             let off = (ti * n_kv + h) * hd;
             cache.k.write(h, pos + ti, &k[off..off + hd]);
             cache.v.write(h, pos + ti, &v[off..off + hd]);
+        }
+    }
+    Ok(out)
+}
+
+struct Shape {
+    t: usize,
+    n_head: usize,
+    n_kv: usize,
+    hd: usize,
+    pos: usize,
+    scale: f32,
+}
+
+impl Shape {
+    /// Oldest position query `ti` may see.
+    fn lo(&self, cache: &LayerCache, ti: usize) -> usize {
+        let qpos = self.pos + ti;
+        cache
+            .sliding_window
+            .map_or(0, |w| (qpos + 1).saturating_sub(w))
+    }
+}
+
+/// Scores of one query against its past rows, read through the K codec.
+fn past_scores(
+    cache: &LayerCache,
+    qr: &[f32],
+    kvh: usize,
+    past: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
+    scores.clear();
+    for p in past {
+        scores.push(cache.k.codec.dot(qr, cache.k.row(kvh, p)) * scale);
+    }
+}
+
+/// One query per head: the fused path, every score and V row read from the store.
+fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec<f32> {
+    let (hd, group) = (s.hd, s.n_head / s.n_kv);
+    let lo = s.lo(cache, 0);
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        || (vec![0f32; hd], Vec::<f32>::new()),
+        |(qr, scores), (h, o)| {
+            let kvh = h / group;
+            let qv = &q[h * hd..(h + 1) * hd];
+            cache.k.codec.prepare_query(qv, qr);
+            past_scores(cache, qr, kvh, lo..s.pos, s.scale, scores);
+            let own = dot_f32(qv, &k[kvh * hd..(kvh + 1) * hd]) * s.scale;
+            let max = scores.iter().copied().fold(own, f32::max);
+            let mut sum = (own - max).exp();
+            let w_own = sum;
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            for (i, p) in (lo..s.pos).enumerate() {
+                cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+            }
+            cache.v.codec.finish_output(o);
+            axpy_f32(w_own * inv, &v[kvh * hd..(kvh + 1) * hd], o);
+        },
+    );
+    out
+}
+
+/// A chunk of queries: the chunk's own K/V at full precision through matmuls (Q·Kᵀ and P·V per
+/// KV head, all heads of a group stacked), the past through the codec, merged in one softmax.
+fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Result<Vec<f32>> {
+    let (t, hd, n_kv, group) = (s.t, s.hd, s.n_kv, s.n_head / s.n_kv);
+    let dev = Device::Cpu;
+    // q [t, kv, g, d] → [kv, g·t, d]; k, v [t, kv, d] → [kv, t, d]
+    let qt = Tensor::from_slice(q, (t, n_kv, group, hd), &dev)?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((n_kv, group * t, hd))?;
+    let kt = Tensor::from_slice(k, (t, n_kv, hd), &dev)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let vt = Tensor::from_slice(v, (t, n_kv, hd), &dev)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    // rows of `probs` are (kv head, group member, query); columns are chunk keys
+    let mut probs = qt.matmul(&kt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut past_out = vec![0f32; n_kv * group * t * hd];
+    probs
+        .par_chunks_mut(t)
+        .zip(past_out.par_chunks_mut(hd))
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; hd], Vec::<f32>::new()),
+            |(qr, scores), (row, (prow, o))| {
+                let (kvh, gi, ti) = (row / (group * t), (row / t) % group, row % t);
+                let h = kvh * group + gi;
+                let lo = s.lo(cache, ti);
+                let past = lo.min(s.pos)..s.pos;
+                let own_lo = lo.max(s.pos) - s.pos;
+                let qv = &q[(ti * s.n_head + h) * hd..][..hd];
+                cache.k.codec.prepare_query(qv, qr);
+                past_scores(cache, qr, kvh, past.clone(), s.scale, scores);
+                let mut max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for x in &mut prow[own_lo..=ti] {
+                    *x *= s.scale;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in scores.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                for (j, x) in prow.iter_mut().enumerate() {
+                    if j < own_lo || j > ti {
+                        *x = 0.0;
+                    } else {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                }
+                let inv = 1.0 / sum;
+                for x in prow.iter_mut() {
+                    *x *= inv;
+                }
+                o.fill(0.0);
+                for (i, p) in past.enumerate() {
+                    cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+                }
+                cache.v.codec.finish_output(o);
+            },
+        );
+    let p = Tensor::from_vec(probs, (n_kv, group * t, t), &dev)?;
+    let own = p.matmul(&vt)?.flatten_all()?.to_vec1::<f32>()?;
+    // [kv, g, t, d] + past → [t, kv·g, d]
+    let mut out = vec![0f32; q.len()];
+    for kvh in 0..n_kv {
+        for gi in 0..group {
+            for ti in 0..t {
+                let row = (kvh * group + gi) * t + ti;
+                let dst = &mut out[(ti * s.n_head + kvh * group + gi) * hd..][..hd];
+                for ((d, a), b) in dst
+                    .iter_mut()
+                    .zip(&own[row * hd..(row + 1) * hd])
+                    .zip(&past_out[row * hd..(row + 1) * hd])
+                {
+                    *d = a + b;
+                }
+            }
         }
     }
     Ok(out)
