@@ -65,7 +65,10 @@ fn check(arch: &str) {
         .zip(&want[0][40..])
         .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
         .fold(0f32, f32::max);
-    assert!(split_worst < 1e-3, "{arch}: chunked prefill differs by {split_worst}");
+    assert!(
+        split_worst < 1e-3,
+        "{arch}: chunked prefill differs by {split_worst}"
+    );
 
     let prompt = refs["greedy_prompt"]
         .to_dtype(DType::U32)

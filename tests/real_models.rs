@@ -45,11 +45,17 @@ fn greedy_matches(path: &Path, key: &str) {
         let prompt = case["prompt"].as_str().unwrap();
         let want_prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["ids"]);
-        assert_eq!(tok.encode(prompt, true).unwrap(), want_prompt, "tokens of {prompt:?}");
+        assert_eq!(
+            tok.encode(prompt, true).unwrap(),
+            want_prompt,
+            "tokens of {prompt:?}"
+        );
         let mut cache = e.new_cache(512).unwrap();
         let mut s = Sampler::new(SamplingParams::greedy());
         let got = e
-            .generate(&mut cache, &want_prompt, want.len(), &mut s, &[], |_, _| true)
+            .generate(&mut cache, &want_prompt, want.len(), &mut s, &[], |_, _| {
+                true
+            })
             .unwrap()
             .tokens;
         let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) else {
@@ -71,20 +77,32 @@ fn greedy_matches(path: &Path, key: &str) {
         let ours = argmax(&logits) as usize;
         let gap = logits[ours] - logits[want[at] as usize];
         eprintln!("{prompt:?}: diverges at token {at}, logit gap {gap}");
-        assert!(gap < 0.1, "{prompt:?}: diverges at {at} with a logit gap of {gap}");
+        assert!(
+            gap < 0.1,
+            "{prompt:?}: diverges at {at} with a logit gap of {gap}"
+        );
     }
 }
 
 fn ppl_matches(path: &Path, key: &str) {
     let r = reference();
     let want = r["models"][key]["perplexity_f16"].as_f64().unwrap();
-    let text = std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt"))
-        .unwrap();
+    let text =
+        std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt")).unwrap();
     let e = engine(path, 512);
     let got = perplexity(&e, &text, 512, Some(40), &mut std::io::sink()).unwrap();
     let rel = (got.ppl - want).abs() / want;
-    eprintln!("{key}: PPL {:.4} vs llama.cpp {want:.4} ({:+.3}%)", got.ppl, rel * 100.0);
-    assert!(rel < 0.01, "{key}: PPL {} is {:.2}% from llama.cpp's {want}", got.ppl, rel * 100.0);
+    eprintln!(
+        "{key}: PPL {:.4} vs llama.cpp {want:.4} ({:+.3}%)",
+        got.ppl,
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.01,
+        "{key}: PPL {} is {:.2}% from llama.cpp's {want}",
+        got.ppl,
+        rel * 100.0
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::arch::RopeStyle;
 use super::gguf::GgufFile;
-use super::quant::q4_1::Q4_1Matrix;
+use super::quant::{Kind, QuantMatrix};
 use super::safetensors::HfDir;
 
 /// Where the weights come from; tensors are named as llama.cpp names them.
@@ -35,14 +35,11 @@ impl Source {
         let w = match self {
             Source::Gguf(g) => {
                 let raw = g.raw(&wname)?;
-                if raw.dtype == GgmlDType::Q4_1 && device.is_cpu() && raw.dims.len() == 2 {
+                let own = Kind::of(raw.dtype).filter(|_| device.is_cpu() && raw.dims.len() == 2);
+                if let Some(kind) = own {
                     let offset = raw.data.as_ptr() as usize - g.mmap.as_ptr() as usize;
-                    Weight::Q4_1(Q4_1Matrix::new(
-                        g.clone(),
-                        offset,
-                        raw.dims[0],
-                        raw.dims[1],
-                    )?)
+                    let (rows, cols) = (raw.dims[0], raw.dims[1]);
+                    Weight::Own(QuantMatrix::new(g.clone(), offset, kind, rows, cols)?)
                 } else {
                     Weight::Candle(QMatMul::from_qtensor(g.qtensor(&wname, device)?)?)
                 }
@@ -91,7 +88,8 @@ impl Source {
 
 pub enum Weight {
     Candle(QMatMul),
-    Q4_1(Q4_1Matrix),
+    /// Types with our own kernels, read from the map.
+    Own(QuantMatrix),
 }
 
 pub struct Linear {
@@ -104,7 +102,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.w {
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Q4_1(w) => w.forward(x)?,
+            Weight::Own(w) => w.forward(x)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,

@@ -1,3 +1,146 @@
-//! Hand-written CPU matmul kernels for weight types whose candle kernels are scalar.
+//! Hand-written CPU matmuls for weight types whose candle kernels are scalar (Q4_1, Q5_0).
+//! Activations are quantized to 8 bits once per row (as ggml does); weights are read straight
+//! from the memory map; AVX2 integer dot products with a portable fallback.
 
-pub mod q4_1;
+mod kernels;
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::model::gguf::GgufFile;
+
+const QK: usize = 32;
+/// Weight rows per parallel task: enough work per task, few enough tasks to balance.
+const ROWS_PER_TASK: usize = 16;
+
+/// One activation block: scale, scale × Σq (for the weights' offset term), 32 signed bytes.
+#[derive(Clone, Copy)]
+pub struct Q8Block {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+/// Weight types this module handles itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Q4_1,
+    Q5_0,
+}
+
+impl Kind {
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Kind::Q4_1),
+            GgmlDType::Q5_0 => Some(Kind::Q5_0),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_1 => kernels::Q4_1_BYTES,
+            Kind::Q5_0 => kernels::Q5_0_BYTES,
+        }
+    }
+
+    fn dot(self, w: &[u8], x: &[Q8Block]) -> f32 {
+        match self {
+            Kind::Q4_1 => kernels::dot_q4_1(w, x),
+            Kind::Q5_0 => kernels::dot_q5_0(w, x),
+        }
+    }
+}
+
+pub struct QuantMatrix {
+    file: Arc<GgufFile>,
+    offset: usize,
+    kind: Kind,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+}
+
+impl QuantMatrix {
+    pub fn new(
+        file: Arc<GgufFile>,
+        offset: usize,
+        kind: Kind,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        if !cols.is_multiple_of(QK) {
+            bail!("{kind:?} matrix with {cols} columns (not a multiple of {QK})");
+        }
+        Ok(Self {
+            file,
+            offset,
+            kind,
+            rows,
+            cols,
+        })
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.cols / QK * self.kind.block_bytes();
+        let start = self.offset + r * rb;
+        &self.file.mmap[start..start + rb]
+    }
+
+    /// `x` [m, cols] → [m, rows]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.cols {
+            bail!(
+                "{:?} matmul: input has {k} features, weights expect {}",
+                self.kind,
+                self.cols
+            );
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let nb = k / QK;
+        let qx: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
+        let n = self.rows;
+        let mut yt = vec![0f32; n * m];
+        // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
+        yt.par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(tile, out)| {
+                let r0 = tile * ROWS_PER_TASK;
+                for (rr, o) in out.chunks_exact_mut(m).enumerate() {
+                    let w = self.row(r0 + rr);
+                    for (i, y) in o.iter_mut().enumerate() {
+                        *y = self.kind.dot(w, &qx[i * nb..(i + 1) * nb]);
+                    }
+                }
+            });
+        let y = Tensor::from_vec(yt, (n, m), &Device::Cpu)?;
+        Ok(if m == 1 {
+            y.reshape((1, n))?
+        } else {
+            y.t()?.contiguous()?
+        })
+    }
+}
+
+pub fn quantize_block(b: &[f32]) -> Q8Block {
+    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(b) {
+        *q = (v * id).round() as i8;
+        sum += *q as i32;
+    }
+    Q8Block {
+        d,
+        s: d * sum as f32,
+        qs,
+    }
+}
