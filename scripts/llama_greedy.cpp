@@ -2,7 +2,8 @@
 // Build against a llama.cpp checkout beside the project:
 //   g++ -O2 -std=c++17 scripts/llama_greedy.cpp -I$LL/include -I$LL/ggml/include -L$LL/build/bin -lllama -lggml -lggml-base -o /tmp/llama_greedy
 // Usage: LD_LIBRARY_PATH=$LL/build/bin /tmp/llama_greedy MODEL.gguf N "prompt"
-// Prints the prompt ids on line 1 and the generated ids on line 2, comma-separated.
+// Prints the prompt ids on line 1, the generated ids on line 2 (comma-separated) and on line 3
+// llama.cpp's margin (top-1 minus top-2 logit) at each generated step, which tells near-ties.
 #include "llama.h"
 #include <cstdio>
 #include <cstdlib>
@@ -34,16 +35,26 @@ int main(int argc, char ** argv) {
     llama_sampler * smpl = llama_sampler_init_greedy();
     print_ids(ids);
     std::vector<llama_token> out;
+    std::vector<float> margins;
+    const int n_vocab = llama_vocab_n_tokens(vocab);
     llama_batch batch = llama_batch_get_one(ids.data(), ids.size());
     llama_token tok;
     for (int i = 0; i < n_predict; i++) {
         if (llama_decode(ctx, batch)) return 1;
+        const float * l = llama_get_logits_ith(ctx, -1);
+        float a = -1e30f, b = -1e30f;
+        for (int v = 0; v < n_vocab; v++) {
+            if (l[v] > a) { b = a; a = l[v]; } else if (l[v] > b) { b = l[v]; }
+        }
         tok = llama_sampler_sample(smpl, ctx, -1);
         if (llama_vocab_is_eog(vocab, tok)) break;
         out.push_back(tok);
+        margins.push_back(a - b);
         batch = llama_batch_get_one(&tok, 1);
     }
     print_ids(out);
+    for (size_t i = 0; i < margins.size(); i++) printf(i ? ",%.4f" : "%.4f", margins[i]);
+    printf("\n");
     llama_sampler_free(smpl);
     llama_free(ctx);
     llama_model_free(model);

@@ -30,9 +30,10 @@ for m in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]:
     lines = open(f"{out}/{m}.greedy").read().splitlines()
     greedy = []
     for i, p in enumerate(prompts):
-        pid, gid = lines[2 * i], lines[2 * i + 1]
+        pid, gid, mg = lines[3 * i], lines[3 * i + 1], lines[3 * i + 2]
         greedy.append({"prompt": p, "prompt_ids": [int(x) for x in pid.split(",") if x],
-                       "ids": [int(x) for x in gid.split(",") if x]})
+                       "ids": [int(x) for x in gid.split(",") if x],
+                       "margins": [float(x) for x in mg.split(",") if x]})
     ref["models"][m] = {"perplexity_f16": ppl, "greedy": greedy}
 json.dump(ref, open("tests/data/llama_cpp_reference.json", "w"), indent=1)
 print(json.dumps({m: v["perplexity_f16"] for m, v in ref["models"].items()}))

@@ -109,6 +109,9 @@ struct SamplingArgs {
     frequency_penalty: f32,
     #[arg(short = 's', long, default_value_t = 0xD4A1)]
     seed: u64,
+    /// Do not stop at end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 #[derive(Args)]
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
                         frequency_penalty: s.frequency_penalty,
                         penalty_last_n: s.repeat_last_n,
                         seed: s.seed,
+                        ignore_eos: s.ignore_eos,
                     },
                     stop: a.stop.clone(),
                     print_ids: a.print_ids,

@@ -12,6 +12,12 @@ use dhurandhar::kv::CacheType;
 use dhurandhar::model::Logits;
 use serde_json::Value;
 
+/// How far one engine's logits may sit from the other's: they round differently (llama.cpp's CPU
+/// flash attention rounds Q and the chunk's K/V to f16, we keep the chunk in f32; activation
+/// quantization for the weight kernels differs in its scale format). A divergence is a near-tie
+/// when our gap plus llama.cpp's own top-2 margin there is within that noise from both sides.
+const LOGIT_NOISE: f32 = 0.25;
+
 fn reference() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama_cpp_reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -76,10 +82,13 @@ fn greedy_matches(path: &Path, key: &str) {
             .unwrap();
         let ours = argmax(&logits) as usize;
         let gap = logits[ours] - logits[want[at] as usize];
-        eprintln!("{prompt:?}: diverges at token {at}, logit gap {gap}");
+        let theirs = case["margins"][at].as_f64().unwrap() as f32;
+        eprintln!(
+            "{prompt:?}: diverges at token {at}: our logit gap {gap:.4}, llama.cpp's top-2 margin {theirs:.4}"
+        );
         assert!(
-            gap < 0.1,
-            "{prompt:?}: diverges at {at} with a logit gap of {gap}"
+            gap + theirs < 2.0 * LOGIT_NOISE,
+            "{prompt:?}: diverges at {at}, not at a near-tie (ours {gap}, llama.cpp {theirs})"
         );
     }
 }
@@ -91,15 +100,15 @@ fn ppl_matches(path: &Path, key: &str) {
         std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt")).unwrap();
     let e = engine(path, 512);
     let got = perplexity(&e, &text, 512, Some(40), &mut std::io::sink()).unwrap();
-    let rel = (got.ppl - want).abs() / want;
+    let rel = (got.ppl - want) / want;
     eprintln!(
         "{key}: PPL {:.4} vs llama.cpp {want:.4} ({:+.3}%)",
         got.ppl,
         rel * 100.0
     );
     assert!(
-        rel < 0.01,
-        "{key}: PPL {} is {:.2}% from llama.cpp's {want}",
+        rel.abs() < 0.01,
+        "{key}: PPL {} is {:+.2}% from llama.cpp's {want}",
         got.ppl,
         rel * 100.0
     );

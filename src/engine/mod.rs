@@ -160,7 +160,7 @@ impl Engine {
         let mut finish = FinishReason::Length;
         while tokens.len() < max_tokens && cache.len < cache.n_ctx {
             let next = sampler.sample(&logits, &history);
-            if self.tok.as_ref().is_some_and(|t| t.is_eog(next)) {
+            if !sampler.params.ignore_eos && self.tok.as_ref().is_some_and(|t| t.is_eog(next)) {
                 finish = FinishReason::Stop;
                 break;
             }

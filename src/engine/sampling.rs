@@ -19,6 +19,8 @@ pub struct SamplingParams {
     /// How many recent tokens the penalties look at.
     pub penalty_last_n: usize,
     pub seed: u64,
+    /// Keep generating past end-of-generation tokens (llama.cpp's `--ignore-eos`, for benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +35,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             penalty_last_n: 64,
             seed: 0xD4A1,
+            ignore_eos: false,
         }
     }
 }
