@@ -83,6 +83,9 @@ struct RunArgs {
     /// Print generated token ids (comma-separated) instead of text.
     #[arg(long)]
     print_ids: bool,
+    /// Print the prompt's token ids to stderr.
+    #[arg(long)]
+    verbose_prompt: bool,
     /// Write the f32 logits of every prompt position to this safetensors file (tensor `logits` [T,V]).
     #[arg(long)]
     logits_out: Option<PathBuf>,
@@ -193,6 +196,7 @@ fn main() -> ExitCode {
                     },
                     stop: a.stop.clone(),
                     print_ids: a.print_ids,
+                    verbose_prompt: a.verbose_prompt,
                     logits_out: a.logits_out.clone(),
                 },
             )

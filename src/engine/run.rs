@@ -21,6 +21,8 @@ pub struct RunOptions {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub print_ids: bool,
+    /// Print the prompt's token ids to stderr (llama-cli's `--verbose-prompt`).
+    pub verbose_prompt: bool,
     pub logits_out: Option<PathBuf>,
 }
 
@@ -59,6 +61,10 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         }
         (None, None) => bail!("nothing to run: pass -p PROMPT or --prompt-ids 1,2,3"),
     };
+    if opts.verbose_prompt {
+        let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+        eprintln!("prompt ids ({}): {}", prompt.len(), ids.join(","));
+    }
     let vocab = engine.model.arch.vocab;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary of {vocab}");
