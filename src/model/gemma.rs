@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::arch::ModelArchitecture;
 use super::attn::SelfAttention;
-use super::layers::{Linear, RmsNorm, Source};
+use super::layers::{Activation, GatedMlp, RmsNorm, Source};
 use crate::kv::LayerCache;
 
 pub struct GemmaBlock {
@@ -14,9 +14,7 @@ pub struct GemmaBlock {
     attn: SelfAttention,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: GatedMlp,
     post_ffn_norm: RmsNorm,
 }
 
@@ -27,16 +25,13 @@ impl GemmaBlock {
         il: usize,
         device: &Device,
     ) -> Result<Self> {
-        let p = format!("blk.{il}");
-        let norm = |n: &str| RmsNorm::load(src, &format!("{p}.{n}"), arch.rms_eps, device);
+        let norm = |n: &str| RmsNorm::load(src, &format!("blk.{il}.{n}"), arch.rms_eps, device);
         Ok(Self {
             attn_norm: norm("attn_norm")?,
             attn: SelfAttention::load(src, arch, il, device)?,
             post_attn_norm: norm("post_attention_norm")?,
             ffn_norm: norm("ffn_norm")?,
-            gate: src.linear(&format!("{p}.ffn_gate"), device)?,
-            up: src.linear(&format!("{p}.ffn_up"), device)?,
-            down: src.linear(&format!("{p}.ffn_down"), device)?,
+            mlp: GatedMlp::load(src, il, Activation::GeluTanh, device)?,
             post_ffn_norm: norm("post_ffw_norm")?,
         })
     }
@@ -45,9 +40,7 @@ impl GemmaBlock {
     pub fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, cache, pos)?;
         let x = (x + self.post_attn_norm.forward(&h)?)?;
-        let n = self.ffn_norm.forward(&x)?;
-        let act = (self.gate.forward(&n)?.gelu()? * self.up.forward(&n)?)?;
-        let h = self.post_ffn_norm.forward(&self.down.forward(&act)?)?;
-        Ok((x + h)?)
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        Ok((x + self.post_ffn_norm.forward(&h)?)?)
     }
 }

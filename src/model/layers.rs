@@ -198,6 +198,44 @@ pub fn dequantize_row(dtype: GgmlDType, src: &[u8], dst: &mut [f32]) -> Result<(
     Ok(())
 }
 
+/// The gated feed-forward every supported architecture uses: `down(act(gate(x)) * up(x))`.
+pub struct GatedMlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+#[derive(Clone, Copy)]
+pub enum Activation {
+    /// llama family
+    Silu,
+    /// gemma: GELU, tanh approximation
+    GeluTanh,
+}
+
+impl GatedMlp {
+    pub fn load(src: &Source, il: usize, act: Activation, device: &Device) -> Result<Self> {
+        let p = format!("blk.{il}");
+        Ok(Self {
+            gate: src.linear(&format!("{p}.ffn_gate"), device)?,
+            up: src.linear(&format!("{p}.ffn_up"), device)?,
+            down: src.linear(&format!("{p}.ffn_down"), device)?,
+            act,
+        })
+    }
+
+    /// `x` [t, hidden] → [t, hidden]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        let g = match self.act {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
 pub struct RmsNorm {
     pub w: Tensor,
     pub eps: f32,

@@ -5,16 +5,14 @@ use candle_core::{Device, Tensor};
 
 use super::arch::ModelArchitecture;
 use super::attn::SelfAttention;
-use super::layers::{Linear, RmsNorm, Source};
+use super::layers::{Activation, GatedMlp, RmsNorm, Source};
 use crate::kv::LayerCache;
 
 pub struct LlamaBlock {
     attn_norm: RmsNorm,
     attn: SelfAttention,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: GatedMlp,
 }
 
 impl LlamaBlock {
@@ -24,14 +22,12 @@ impl LlamaBlock {
         il: usize,
         device: &Device,
     ) -> Result<Self> {
-        let p = format!("blk.{il}");
+        let norm = |n: &str| RmsNorm::load(src, &format!("blk.{il}.{n}"), arch.rms_eps, device);
         Ok(Self {
-            attn_norm: RmsNorm::load(src, &format!("{p}.attn_norm"), arch.rms_eps, device)?,
+            attn_norm: norm("attn_norm")?,
             attn: SelfAttention::load(src, arch, il, device)?,
-            ffn_norm: RmsNorm::load(src, &format!("{p}.ffn_norm"), arch.rms_eps, device)?,
-            gate: src.linear(&format!("{p}.ffn_gate"), device)?,
-            up: src.linear(&format!("{p}.ffn_up"), device)?,
-            down: src.linear(&format!("{p}.ffn_down"), device)?,
+            ffn_norm: norm("ffn_norm")?,
+            mlp: GatedMlp::load(src, il, Activation::Silu, device)?,
         })
     }
 
@@ -39,8 +35,7 @@ impl LlamaBlock {
     pub fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, cache, pos)?;
         let x = (x + h)?;
-        let n = self.ffn_norm.forward(&x)?;
-        let act = (candle_nn::ops::silu(&self.gate.forward(&n)?)? * self.up.forward(&n)?)?;
-        Ok((x + self.down.forward(&act)?)?)
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        Ok((x + h)?)
     }
 }
