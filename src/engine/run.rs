@@ -65,18 +65,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
         eprintln!("prompt ids ({}): {}", prompt.len(), ids.join(","));
     }
-    let vocab = engine.model.arch.vocab;
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        bail!("token id {bad} is outside the vocabulary of {vocab}");
-    }
-    let n_ctx = engine.n_ctx;
-    if prompt.len() > n_ctx {
-        bail!(
-            "the prompt is {} tokens but the context holds {n_ctx} (-c)",
-            prompt.len()
-        );
-    }
-    let mut cache = engine.new_cache(n_ctx)?;
+    let mut cache = engine.new_cache(engine.n_ctx)?;
     if let Some(path) = &opts.logits_out {
         let mut rows = Vec::new();
         for chunk in prompt.chunks(super::UBATCH) {

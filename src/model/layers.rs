@@ -125,8 +125,19 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    fn n_rows(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.dims()[0],
+            Embedding::Mapped { rows, .. } => *rows,
+        }
+    }
+
     /// `ids` [t] → [t, hidden]
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let n = self.n_rows();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
+            bail!("token id {bad} is outside the vocabulary of {n}");
+        }
         match self {
             Embedding::Dense(t) => {
                 let idx = Tensor::new(ids, t.device())?;
@@ -135,19 +146,15 @@ impl Embedding {
             Embedding::Mapped {
                 file,
                 offset,
-                rows,
                 cols,
                 dtype,
                 device,
+                ..
             } => {
                 let row_bytes = cols / dtype.block_size() * dtype.type_size();
                 let mut out = vec![0f32; ids.len() * cols];
                 for (i, &id) in ids.iter().enumerate() {
-                    let id = id as usize;
-                    if id >= *rows {
-                        bail!("token id {id} is outside the vocabulary of {rows}");
-                    }
-                    let start = offset + id * row_bytes;
+                    let start = offset + id as usize * row_bytes;
                     let src = &file.mmap[start..start + row_bytes];
                     dequantize_row(*dtype, src, &mut out[i * cols..(i + 1) * cols])?;
                 }
