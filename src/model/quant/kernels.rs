@@ -10,15 +10,38 @@ use super::{Q8Block, QK};
 pub const Q4_1_BYTES: usize = 20;
 pub const Q5_0_BYTES: usize = 22;
 
-pub fn dot_q4_1(w: &[u8], x: &[Q8Block]) -> f32 {
+/// Dot of one weight row with one activation row.
+pub type DotFn = fn(&[u8], &[Q8Block]) -> f32;
+
+fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { q4_1_avx2(w, x) };
-        }
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
-    q4_1_scalar(w, x)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The Q4_1 kernel for this CPU, chosen once per matmul rather than per row.
+pub fn q4_1() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: handed out only after AVX2 and FMA were detected.
+        return |w, x| unsafe { q4_1_avx2(w, x) };
+    }
+    q4_1_scalar
+}
+
+/// The Q5_0 kernel for this CPU.
+pub fn q5_0() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: handed out only after AVX2 and FMA were detected.
+        return |w, x| unsafe { q5_0_avx2(w, x) };
+    }
+    q5_0_scalar
 }
 
 fn block_scales(b: &[u8]) -> (f32, f32) {
@@ -72,17 +95,6 @@ unsafe fn q4_1_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s) + mins
-}
-
-pub fn dot_q5_0(w: &[u8], x: &[Q8Block]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { q5_0_avx2(w, x) };
-        }
-    }
-    q5_0_scalar(w, x)
 }
 
 fn q5_0_parts(b: &[u8]) -> (f32, u32) {
@@ -188,7 +200,7 @@ mod tests {
             wf.extend(qs.iter().map(|q| d * (q >> 4) as f32 + m));
         }
         let exact: f32 = wf.iter().zip(&xf).map(|(a, b)| a * b).sum();
-        check(dot_q4_1(&w, &qx), q4_1_scalar(&w, &qx), exact);
+        check(q4_1()(&w, &qx), q4_1_scalar(&w, &qx), exact);
     }
 
     #[test]
@@ -212,6 +224,6 @@ mod tests {
             );
         }
         let exact: f32 = wf.iter().zip(&xf).map(|(a, b)| a * b).sum();
-        check(dot_q5_0(&w, &qx), q5_0_scalar(&w, &qx), exact);
+        check(q5_0()(&w, &qx), q5_0_scalar(&w, &qx), exact);
     }
 }

@@ -48,10 +48,10 @@ impl Kind {
         }
     }
 
-    fn dot(self, w: &[u8], x: &[Q8Block]) -> f32 {
+    fn kernel(self) -> kernels::DotFn {
         match self {
-            Kind::Q4_1 => kernels::dot_q4_1(w, x),
-            Kind::Q5_0 => kernels::dot_q5_0(w, x),
+            Kind::Q4_1 => kernels::q4_1(),
+            Kind::Q5_0 => kernels::q5_0(),
         }
     }
 }
@@ -106,6 +106,7 @@ impl QuantMatrix {
         let nb = k / QK;
         let qx: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
         let n = self.rows;
+        let dot = self.kind.kernel();
         let mut yt = vec![0f32; n * m];
         // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
         yt.par_chunks_mut(ROWS_PER_TASK * m)
@@ -115,7 +116,7 @@ impl QuantMatrix {
                 for (rr, o) in out.chunks_exact_mut(m).enumerate() {
                     let w = self.row(r0 + rr);
                     for (i, y) in o.iter_mut().enumerate() {
-                        *y = self.kind.dot(w, &qx[i * nb..(i + 1) * nb]);
+                        *y = dot(w, &qx[i * nb..(i + 1) * nb]);
                     }
                 }
             });
