@@ -72,12 +72,11 @@ impl Tok {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let inner = match model {
+        let mut inner = match model {
             "gpt2" => gpt2_tokenizer(g, &tokens)?,
             "llama" => spm_tokenizer(g, &tokens, &types)?,
             other => bail!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"),
         };
-        let mut inner = inner;
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
