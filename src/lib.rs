@@ -9,4 +9,5 @@ pub mod chat;
 pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod parallel;
 pub mod tokenizer;

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::codec::{axpy_f32, dot_f32};
 use super::store::LayerCache;
+use crate::parallel::par_chunks_mut;
 
 /// Causal attention of `t` queries at positions `pos..pos+t`.
 ///
@@ -101,30 +102,32 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
     let (hd, group) = (s.hd, s.n_head / s.n_kv);
     let lo = s.lo(cache, 0);
     let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || (vec![0f32; hd], Vec::<f32>::new()),
-        |(qr, scores), (h, o)| {
-            let kvh = h / group;
-            let qv = &q[h * hd..(h + 1) * hd];
-            cache.k.codec.prepare_query(qv, qr);
-            past_scores(cache, qr, kvh, lo..s.pos, s.scale, scores);
-            let own = dot_f32(qv, &k[kvh * hd..(kvh + 1) * hd]) * s.scale;
-            let max = scores.iter().copied().fold(own, f32::max);
-            let mut sum = (own - max).exp();
-            let w_own = sum;
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (i, p) in (lo..s.pos).enumerate() {
-                cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
-            }
-            cache.v.codec.finish_output(o);
-            axpy_f32(w_own * inv, &v[kvh * hd..(kvh + 1) * hd], o);
-        },
-    );
+    // One head per task; decode work per head is small, so scratch is per task.
+    par_chunks_mut(&mut out, hd, |h, o| {
+        let (qr, scores) = (
+            &mut vec![0f32; hd],
+            &mut Vec::<f32>::with_capacity(s.pos + 1),
+        );
+        let kvh = h / group;
+        let qv = &q[h * hd..(h + 1) * hd];
+        cache.k.codec.prepare_query(qv, qr);
+        past_scores(cache, qr, kvh, lo..s.pos, s.scale, scores);
+        let own = dot_f32(qv, &k[kvh * hd..(kvh + 1) * hd]) * s.scale;
+        let max = scores.iter().copied().fold(own, f32::max);
+        let mut sum = (own - max).exp();
+        let w_own = sum;
+        for x in scores.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        o.fill(0.0);
+        for (i, p) in (lo..s.pos).enumerate() {
+            cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+        }
+        cache.v.codec.finish_output(o);
+        axpy_f32(w_own * inv, &v[kvh * hd..(kvh + 1) * hd], o);
+    });
     out
 }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::model::gguf::GgufFile;
+use crate::parallel::par_chunks_mut;
 
 const QK: usize = 32;
 /// Weight rows per parallel task: enough work per task, few enough tasks to balance.
@@ -109,17 +109,15 @@ impl QuantMatrix {
         let dot = self.kind.kernel();
         let mut yt = vec![0f32; n * m];
         // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
-        yt.par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(tile, out)| {
-                let r0 = tile * ROWS_PER_TASK;
-                for (rr, o) in out.chunks_exact_mut(m).enumerate() {
-                    let w = self.row(r0 + rr);
-                    for (i, y) in o.iter_mut().enumerate() {
-                        *y = dot(w, &qx[i * nb..(i + 1) * nb]);
-                    }
+        par_chunks_mut(&mut yt, ROWS_PER_TASK * m, |tile, out| {
+            let r0 = tile * ROWS_PER_TASK;
+            for (rr, o) in out.chunks_exact_mut(m).enumerate() {
+                let w = self.row(r0 + rr);
+                for (i, y) in o.iter_mut().enumerate() {
+                    *y = dot(w, &qx[i * nb..(i + 1) * nb]);
                 }
-            });
+            }
+        });
         let y = Tensor::from_vec(yt, (n, m), &Device::Cpu)?;
         Ok(if m == 1 {
             y.reshape((1, n))?
