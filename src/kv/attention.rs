@@ -4,7 +4,6 @@
 
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use super::codec::{axpy_f32, dot_f32};
 use super::store::LayerCache;
@@ -150,50 +149,51 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
     // rows of `probs` are (kv head, group member, query); columns are chunk keys
     let mut probs = qt.matmul(&kt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
     let mut past_out = vec![0f32; n_kv * group * t * hd];
-    probs
-        .par_chunks_mut(t)
-        .zip(past_out.par_chunks_mut(hd))
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; hd], Vec::<f32>::new()),
-            |(qr, scores), (row, (prow, o))| {
-                let (kvh, gi, ti) = (row / (group * t), (row / t) % group, row % t);
-                let h = kvh * group + gi;
-                let lo = s.lo(cache, ti);
-                let past = lo.min(s.pos)..s.pos;
-                let own_lo = lo.max(s.pos) - s.pos;
-                let qv = &q[(ti * s.n_head + h) * hd..][..hd];
-                cache.k.codec.prepare_query(qv, qr);
-                past_scores(cache, qr, kvh, past.clone(), s.scale, scores);
-                let mut max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for x in &mut prow[own_lo..=ti] {
-                    *x *= s.scale;
-                    max = max.max(*x);
-                }
-                let mut sum = 0f32;
-                for x in scores.iter_mut() {
+    let mut rows: Vec<(&mut [f32], &mut [f32])> =
+        probs.chunks_mut(t).zip(past_out.chunks_mut(hd)).collect();
+    // Rows per task: enough to amortize the scratch buffers, many tasks to balance the pool.
+    let per_task = (rows.len() / 64).max(1);
+    par_chunks_mut(&mut rows, per_task, |task, batch| {
+        let (qr, scores) = (&mut vec![0f32; hd], &mut Vec::<f32>::new());
+        for (r, (prow, o)) in batch.iter_mut().enumerate() {
+            let row = task * per_task + r;
+            let (kvh, gi, ti) = (row / (group * t), (row / t) % group, row % t);
+            let h = kvh * group + gi;
+            let lo = s.lo(cache, ti);
+            let past = lo.min(s.pos)..s.pos;
+            let own_lo = lo.max(s.pos) - s.pos;
+            let qv = &q[(ti * s.n_head + h) * hd..][..hd];
+            cache.k.codec.prepare_query(qv, qr);
+            past_scores(cache, qr, kvh, past.clone(), s.scale, scores);
+            let mut max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in &mut prow[own_lo..=ti] {
+                *x *= s.scale;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for (j, x) in prow.iter_mut().enumerate() {
+                if j < own_lo || j > ti {
+                    *x = 0.0;
+                } else {
                     *x = (*x - max).exp();
                     sum += *x;
                 }
-                for (j, x) in prow.iter_mut().enumerate() {
-                    if j < own_lo || j > ti {
-                        *x = 0.0;
-                    } else {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                }
-                let inv = 1.0 / sum;
-                for x in prow.iter_mut() {
-                    *x *= inv;
-                }
-                o.fill(0.0);
-                for (i, p) in past.enumerate() {
-                    cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
-                }
-                cache.v.codec.finish_output(o);
-            },
-        );
+            }
+            let inv = 1.0 / sum;
+            for x in prow.iter_mut() {
+                *x *= inv;
+            }
+            o.fill(0.0);
+            for (i, p) in past.enumerate() {
+                cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+            }
+            cache.v.codec.finish_output(o);
+        }
+    });
     let p = Tensor::from_vec(probs, (n_kv, group * t, t), &dev)?;
     let own = p.matmul(&vt)?.flatten_all()?.to_vec1::<f32>()?;
     // [kv, g, t, d] + past → [t, kv·g, d]
