@@ -14,8 +14,9 @@ use crate::model::gguf::GgufFile;
 use crate::parallel::par_chunks_mut;
 
 const QK: usize = 32;
-/// Weight rows per parallel task: enough work per task, few enough tasks to balance.
-const ROWS_PER_TASK: usize = 16;
+/// Parallel tasks per pool thread: long contiguous row ranges keep the hardware prefetcher
+/// streaming (decode is bound by reading the weights), a few per thread still balance.
+const TASKS_PER_THREAD: usize = 2;
 
 /// One activation block: scale, scale × Σq (for the weights' offset term), 32 signed bytes.
 #[derive(Clone, Copy)]
@@ -109,8 +110,10 @@ impl QuantMatrix {
         let dot = self.kind.kernel();
         let mut yt = vec![0f32; n * m];
         // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
-        par_chunks_mut(&mut yt, ROWS_PER_TASK * m, |tile, out| {
-            let r0 = tile * ROWS_PER_TASK;
+        let threads = candle_core::utils::get_num_threads();
+        let rows_per_task = n.div_ceil(threads * TASKS_PER_THREAD).max(4);
+        par_chunks_mut(&mut yt, rows_per_task * m, |tile, out| {
+            let r0 = tile * rows_per_task;
             for (rr, o) in out.chunks_exact_mut(m).enumerate() {
                 let w = self.row(r0 + rr);
                 for (i, y) in o.iter_mut().enumerate() {
