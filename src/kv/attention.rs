@@ -91,8 +91,29 @@ fn past_scores(
     scores: &mut Vec<f32>,
 ) {
     scores.clear();
-    for p in past {
-        scores.push(cache.k.codec.dot(qr, cache.k.row(kvh, p)) * scale);
+    scores.resize(past.len(), 0.0);
+    let mut off = 0;
+    for (rows, n) in cache.k.segments(kvh, past) {
+        cache.k.codec.dot_rows(qr, rows, &mut scores[off..off + n]);
+        off += n;
+    }
+    for x in scores.iter_mut() {
+        *x *= scale;
+    }
+}
+
+/// `o += Σ weights[i] · V(past[i])`, through the V codec, in its domain.
+fn past_values(
+    cache: &LayerCache,
+    kvh: usize,
+    past: std::ops::Range<usize>,
+    weights: &[f32],
+    o: &mut [f32],
+) {
+    let mut off = 0;
+    for (rows, n) in cache.v.segments(kvh, past) {
+        cache.v.codec.axpy_rows(&weights[off..off + n], rows, o);
+        off += n;
     }
 }
 
@@ -121,9 +142,10 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
         }
         let inv = 1.0 / sum;
         o.fill(0.0);
-        for (i, p) in (lo..s.pos).enumerate() {
-            cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+        for x in scores.iter_mut() {
+            *x *= inv;
         }
+        past_values(cache, kvh, lo..s.pos, scores, o);
         cache.v.codec.finish_output(o);
         axpy_f32(w_own * inv, &v[kvh * hd..(kvh + 1) * hd], o);
     });
@@ -188,9 +210,10 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                 *x *= inv;
             }
             o.fill(0.0);
-            for (i, p) in past.enumerate() {
-                cache.v.codec.axpy(scores[i] * inv, cache.v.row(kvh, p), o);
+            for x in scores.iter_mut() {
+                *x *= inv;
             }
+            past_values(cache, kvh, past, scores, o);
             cache.v.codec.finish_output(o);
         }
     });

@@ -37,11 +37,22 @@ impl RowStore {
         self.n_kv_head * self.capacity * self.row_bytes
     }
 
-    #[inline]
-    pub fn row(&self, head: usize, pos: usize) -> &[u8] {
-        let slot = pos % self.capacity;
-        let start = (head * self.capacity + slot) * self.row_bytes;
-        &bytemuck::cast_slice(&self.data)[start..start + self.row_bytes]
+    /// The rows of positions `range` for one head as at most two contiguous byte runs (a ring
+    /// wraps once), each with the number of rows it holds.
+    pub fn segments(&self, head: usize, range: std::ops::Range<usize>) -> [(&[u8], usize); 2] {
+        let n = range.len();
+        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+        let base = head * self.capacity * self.row_bytes;
+        if n == 0 {
+            // Empty runs still point into the store, so they keep its alignment for casts.
+            let empty = &bytes[base..base];
+            return [(empty, 0), (empty, 0)];
+        }
+        let slot = range.start % self.capacity;
+        let first = n.min(self.capacity - slot);
+        let a = &bytes[base + slot * self.row_bytes..][..first * self.row_bytes];
+        let b = &bytes[base..][..(n - first) * self.row_bytes];
+        [(a, first), (b, n - first)]
     }
 
     pub fn write(&mut self, head: usize, pos: usize, values: &[f32]) {
@@ -131,5 +142,31 @@ impl KvCache {
             kinds(|l| l.v.ty),
             mib(self.v_bytes()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_segments_wrap_and_stay_aligned() {
+        let mut s = RowStore::new(CacheType::F16, 2, 8, 4);
+        for p in 0..6 {
+            s.write(1, p, &[p as f32; 8]);
+        }
+        // positions 2..6 live in slots 2,3,0,1 of head 1
+        let [(a, na), (b, nb)] = s.segments(1, 2..6);
+        assert_eq!((na, nb), (2, 2));
+        let mut got = vec![0f32; 4];
+        let q = [1f32; 8];
+        s.codec.dot_rows(&q, a, &mut got[..2]);
+        s.codec.dot_rows(&q, b, &mut got[2..]);
+        assert_eq!(got, vec![16.0, 24.0, 32.0, 40.0]);
+        // an empty range casts like any other run
+        let [(e, 0), _] = s.segments(0, 3..3) else {
+            panic!()
+        };
+        s.codec.dot_rows(&q, e, &mut []);
     }
 }

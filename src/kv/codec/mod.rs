@@ -15,6 +15,20 @@ pub trait KvCodec: Send + Sync {
     fn dot(&self, q: &[f32], row: &[u8]) -> f32;
     /// `acc += w * row`, in the codec's domain.
     fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]);
+    /// `out[i] = dot(q, row i)` for consecutive rows; codecs override this with their SIMD loop.
+    fn dot_rows(&self, q: &[f32], rows: &[u8], out: &mut [f32]) {
+        let rb = self.bytes_per_row(q.len());
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+            *o = self.dot(q, row);
+        }
+    }
+    /// `acc += Σ w[i] · row i` for consecutive rows.
+    fn axpy_rows(&self, w: &[f32], rows: &[u8], acc: &mut [f32]) {
+        let rb = self.bytes_per_row(acc.len());
+        for (&wi, row) in w.iter().zip(rows.chunks_exact(rb)) {
+            self.axpy(wi, row, acc);
+        }
+    }
     fn prepare_query(&self, q: &[f32], out: &mut [f32]) {
         out.copy_from_slice(q);
     }
