@@ -24,6 +24,103 @@ fn has_avx2() -> bool {
     }
 }
 
+/// A weight block unpacked for reuse across many activation rows (prefill): value = d·q + m with
+/// q unsigned in 0..32. Q4_1 stores d and m; Q5_0's value d·(q − 16) has m = −16·d.
+#[derive(Clone, Copy)]
+pub struct Unpacked {
+    d: f32,
+    m: f32,
+    qs: [u8; QK],
+}
+
+impl Default for Unpacked {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            m: 0.0,
+            qs: [0; QK],
+        }
+    }
+}
+
+pub fn unpack_q4_1(w: &[u8], out: &mut [Unpacked]) {
+    for (b, u) in w.chunks_exact(Q4_1_BYTES).zip(out) {
+        (u.d, u.m) = block_scales(b);
+        for (j, &q) in b[4..].iter().enumerate() {
+            u.qs[j] = q & 0x0F;
+            u.qs[j + QK / 2] = q >> 4;
+        }
+    }
+}
+
+pub fn unpack_q5_0(w: &[u8], out: &mut [Unpacked]) {
+    for (b, u) in w.chunks_exact(Q5_0_BYTES).zip(out) {
+        let (d, qh) = q5_0_parts(b);
+        (u.d, u.m) = (d, -16.0 * d);
+        for (j, &q) in b[6..].iter().enumerate() {
+            u.qs[j] = (q & 0x0F) | ((((qh >> j) & 1) << 4) as u8);
+            u.qs[j + QK / 2] = (q >> 4) | ((((qh >> (j + 16)) & 1) << 4) as u8);
+        }
+    }
+}
+
+/// Dot of one unpacked weight row with one activation row.
+pub type UnpackedDotFn = fn(&[Unpacked], &[Q8Block]) -> f32;
+
+pub fn unpacked() -> UnpackedDotFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: handed out only after AVX2 and FMA were detected.
+        return |w, x| unsafe { unpacked_avx2(w, x) };
+    }
+    unpacked_scalar
+}
+
+fn unpacked_scalar(w: &[Unpacked], x: &[Q8Block]) -> f32 {
+    let mut sum = 0f32;
+    for (u, y) in w.iter().zip(x) {
+        let acc: i32 =
+            u.qs.iter()
+                .zip(&y.qs)
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum();
+        sum += u.d * y.d * acc as f32 + u.m * y.s;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpacked_avx2(w: &[Unpacked], x: &[Q8Block]) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    for (u, y) in w.iter().zip(x) {
+        // SAFETY: both arrays are 32 bytes.
+        let (qx, qy) = unsafe {
+            (
+                _mm256_loadu_si256(u.qs.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i),
+            )
+        };
+        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(u.d * y.d), _mm256_cvtepi32_ps(prod), acc);
+        mins += u.m * y.s;
+    }
+    hsum(acc) + mins
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
 /// The Q4_1 kernel for this CPU, chosen once per matmul rather than per row.
 pub fn q4_1() -> DotFn {
     #[cfg(target_arch = "x86_64")]
@@ -90,11 +187,7 @@ unsafe fn q4_1_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(prod), acc);
         mins += m * y.s;
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + mins
+    hsum(acc) + mins
 }
 
 fn q5_0_parts(b: &[u8]) -> (f32, u32) {
@@ -154,11 +247,7 @@ unsafe fn q5_0_avx2(w: &[u8], x: &[Q8Block]) -> f32 {
         // Σ(q − 16)·y = Σq·y − 16·Σy
         offs -= 16.0 * d * y.s;
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + offs
+    hsum(acc) + offs
 }
 
 #[cfg(test)]
@@ -201,6 +290,9 @@ mod tests {
         }
         let exact: f32 = wf.iter().zip(&xf).map(|(a, b)| a * b).sum();
         check(q4_1()(&w, &qx), q4_1_scalar(&w, &qx), exact);
+        let mut u = vec![Unpacked::default(); 2];
+        unpack_q4_1(&w, &mut u);
+        check(unpacked()(&u, &qx), unpacked_scalar(&u, &qx), exact);
     }
 
     #[test]
@@ -225,5 +317,8 @@ mod tests {
         }
         let exact: f32 = wf.iter().zip(&xf).map(|(a, b)| a * b).sum();
         check(q5_0()(&w, &qx), q5_0_scalar(&w, &qx), exact);
+        let mut u = vec![Unpacked::default(); 2];
+        unpack_q5_0(&w, &mut u);
+        check(unpacked()(&u, &qx), unpacked_scalar(&u, &qx), exact);
     }
 }

@@ -17,6 +17,8 @@ const QK: usize = 32;
 /// Parallel tasks per pool thread: long contiguous row ranges keep the hardware prefetcher
 /// streaming (decode is bound by reading the weights), a few per thread still balance.
 const TASKS_PER_THREAD: usize = 2;
+/// From this many input rows on, unpacking a weight row once beats decoding it per input.
+const UNPACK_MIN_M: usize = 4;
 
 /// One activation block: scale, scale × Σq (for the weights' offset term), 32 signed bytes.
 #[derive(Clone, Copy)]
@@ -53,6 +55,13 @@ impl Kind {
         match self {
             Kind::Q4_1 => kernels::q4_1(),
             Kind::Q5_0 => kernels::q5_0(),
+        }
+    }
+
+    fn unpack(self, w: &[u8], out: &mut [kernels::Unpacked]) {
+        match self {
+            Kind::Q4_1 => kernels::unpack_q4_1(w, out),
+            Kind::Q5_0 => kernels::unpack_q5_0(w, out),
         }
     }
 }
@@ -112,12 +121,23 @@ impl QuantMatrix {
         // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
         let threads = candle_core::utils::get_num_threads();
         let rows_per_task = n.div_ceil(threads * TASKS_PER_THREAD).max(4);
+        let dot_unpacked = kernels::unpacked();
         par_chunks_mut(&mut yt, rows_per_task * m, |tile, out| {
             let r0 = tile * rows_per_task;
+            // Several inputs: unpack each weight row once, then plain byte dot products.
+            let mut unpacked =
+                vec![kernels::Unpacked::default(); if m >= UNPACK_MIN_M { nb } else { 0 }];
             for (rr, o) in out.chunks_exact_mut(m).enumerate() {
                 let w = self.row(r0 + rr);
-                for (i, y) in o.iter_mut().enumerate() {
-                    *y = dot(w, &qx[i * nb..(i + 1) * nb]);
+                if unpacked.is_empty() {
+                    for (i, y) in o.iter_mut().enumerate() {
+                        *y = dot(w, &qx[i * nb..(i + 1) * nb]);
+                    }
+                } else {
+                    self.kind.unpack(w, &mut unpacked);
+                    for (i, y) in o.iter_mut().enumerate() {
+                        *y = dot_unpacked(&unpacked, &qx[i * nb..(i + 1) * nb]);
+                    }
                 }
             }
         });
