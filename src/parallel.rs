@@ -2,41 +2,74 @@
 //! kernels and attention on the same spinning workers keeps a second pool (rayon) from waking up
 //! and competing for the same cores on every small decode-step operation.
 
+use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand disjoint sub-slices of one `&mut [T]` to the pool's threads.
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-unsafe impl<T: Send> Send for SendPtr<T> {}
-
-/// Calls `f(i, piece)` for every `chunk`-sized piece of `out` (the last may be shorter), spread
-/// over the pool; pieces are claimed one at a time so uneven work balances.
-pub fn par_chunks_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let chunk = chunk.max(1);
-    let n_chunks = out.len().div_ceil(chunk);
-    if n_chunks <= 1 {
-        if !out.is_empty() {
-            f(0, out);
+/// Runs `f(task)` for `task` in `0..n_tasks` over the pool; tasks are claimed one at a time so
+/// uneven work balances.
+pub fn par_for(n_tasks: usize, f: impl Fn(usize) + Sync) {
+    if n_tasks <= 1 {
+        if n_tasks == 1 {
+            f(0);
         }
         return;
     }
-    let len = out.len();
-    let base = SendPtr(out.as_mut_ptr());
     let next = AtomicUsize::new(0);
     candle_core::utils::barrier_pool().execute(|_| {
-        let base = &base;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= n_chunks {
+            if i >= n_tasks {
                 break;
             }
-            let start = i * chunk;
-            let end = (start + chunk).min(len);
-            // SAFETY: each index is claimed by exactly one thread, so the pieces never overlap,
-            // and `out` outlives `execute`, which returns only after every worker is done.
-            let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
-            f(i, piece);
+            f(i);
         }
+    });
+}
+
+/// A slice that parallel tasks write through, each task to ranges no other task touches.
+pub struct SharedMut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _slice: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: access goes through `range`, whose contract is that concurrent ranges are disjoint.
+unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
+
+impl<'a, T> SharedMut<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _slice: PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other live reference (from any thread) may overlap `r`.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: Range<usize>) -> &mut [T] {
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "range {r:?} outside {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked), disjoint from other live ranges (caller's contract).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
+    }
+}
+
+/// Calls `f(i, piece)` for every `chunk`-sized piece of `out` (the last may be shorter).
+pub fn par_chunks_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunk = chunk.max(1);
+    let len = out.len();
+    let shared = SharedMut::new(out);
+    par_for(len.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        // SAFETY: piece i is handed to exactly one task.
+        let piece = unsafe { shared.range(start..(start + chunk).min(len)) };
+        f(i, piece);
     });
 }
 

@@ -11,7 +11,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use crate::model::gguf::GgufFile;
-use crate::parallel::par_chunks_mut;
+use crate::parallel::{SharedMut, par_for};
 
 const QK: usize = 32;
 /// Parallel tasks per pool thread: long contiguous row ranges keep the hardware prefetcher
@@ -117,36 +117,37 @@ impl QuantMatrix {
         let qx: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
         let n = self.rows;
         let dot = self.kind.kernel();
-        let mut yt = vec![0f32; n * m];
-        // yt is [rows, m]: each task owns whole weight rows, reading each once for all m inputs.
+        let dot_unpacked = kernels::unpacked();
+        let mut y = vec![0f32; m * n];
+        let out = SharedMut::new(&mut y);
+        // Each task owns a range of weight rows, i.e. the same column range of every output row.
         let threads = candle_core::utils::get_num_threads();
         let rows_per_task = n.div_ceil(threads * TASKS_PER_THREAD).max(4);
-        let dot_unpacked = kernels::unpacked();
-        par_chunks_mut(&mut yt, rows_per_task * m, |tile, out| {
-            let r0 = tile * rows_per_task;
-            // Several inputs: unpack each weight row once, then plain byte dot products.
-            let mut unpacked =
-                vec![kernels::Unpacked::default(); if m >= UNPACK_MIN_M { nb } else { 0 }];
-            for (rr, o) in out.chunks_exact_mut(m).enumerate() {
-                let w = self.row(r0 + rr);
-                if unpacked.is_empty() {
-                    for (i, y) in o.iter_mut().enumerate() {
-                        *y = dot(w, &qx[i * nb..(i + 1) * nb]);
+        par_for(n.div_ceil(rows_per_task), |tile| {
+            let rows = tile * rows_per_task..((tile + 1) * rows_per_task).min(n);
+            let x_row = |i: usize| &qx[i * nb..(i + 1) * nb];
+            // SAFETY: tasks own disjoint column ranges, so these output ranges never overlap.
+            let out_row = |i: usize| unsafe { out.range(i * n + rows.start..i * n + rows.end) };
+            if m < UNPACK_MIN_M {
+                for i in 0..m {
+                    for (o, r) in out_row(i).iter_mut().zip(rows.clone()) {
+                        *o = dot(self.row(r), x_row(i));
                     }
-                } else {
-                    self.kind.unpack(w, &mut unpacked);
-                    for (i, y) in o.iter_mut().enumerate() {
-                        *y = dot_unpacked(&unpacked, &qx[i * nb..(i + 1) * nb]);
-                    }
+                }
+                return;
+            }
+            // Several inputs: unpack the task's weight rows once, then plain byte dot products.
+            let mut unpacked = vec![kernels::Unpacked::default(); rows.len() * nb];
+            for (u, r) in unpacked.chunks_exact_mut(nb).zip(rows.clone()) {
+                self.kind.unpack(self.row(r), u);
+            }
+            for i in 0..m {
+                for (o, u) in out_row(i).iter_mut().zip(unpacked.chunks_exact(nb)) {
+                    *o = dot_unpacked(u, x_row(i));
                 }
             }
         });
-        let y = Tensor::from_vec(yt, (n, m), &Device::Cpu)?;
-        Ok(if m == 1 {
-            y.reshape((1, n))?
-        } else {
-            y.t()?.contiguous()?
-        })
+        Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?)
     }
 }
 
