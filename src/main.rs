@@ -127,6 +127,9 @@ struct PplArgs {
     /// Stop after this many chunks.
     #[arg(long)]
     chunks: Option<usize>,
+    /// Tokens per forward pass; smaller makes later tokens read earlier ones from the KV cache.
+    #[arg(long = "ubatch-size", default_value_t = 512)]
+    ubatch_size: usize,
 }
 
 impl ModelArgs {
@@ -161,6 +164,7 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-ngl", "--n-gpu-layers"),
     ("-np", "--parallel"),
     ("-fa", "--flash-attn"),
+    ("-ub", "--ubatch-size"),
 ];
 
 fn main() -> ExitCode {
@@ -208,6 +212,7 @@ fn main() -> ExitCode {
                 &e,
                 &text,
                 a.model.ctx_size,
+                a.ubatch_size,
                 a.chunks,
                 &mut std::io::stdout(),
             )

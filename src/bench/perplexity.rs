@@ -1,6 +1,7 @@
 //! Perplexity as llama-perplexity computes it: the text is cut into `n_ctx`-token chunks, each chunk
 //! is evaluated from an empty cache (first token replaced by BOS when the model adds one), and the
-//! second half of every chunk is scored.
+//! second half of every chunk is scored. Chunks are fed `ubatch` tokens at a time (llama.cpp's
+//! `-ub`); with the default 512 a chunk is one pass and its own K/V stay at full precision.
 
 use std::io::Write;
 use std::time::Instant;
@@ -25,6 +26,7 @@ pub fn perplexity(
     engine: &Engine,
     text: &str,
     n_ctx: usize,
+    ubatch: usize,
     max_chunks: Option<usize>,
     out: &mut dyn Write,
 ) -> Result<PplResult> {
@@ -60,10 +62,21 @@ pub fn perplexity(
             chunk[0] = bos;
         }
         cache.truncate(0);
-        let logits = engine
-            .model
-            .forward(&chunk, &mut cache, Logits::From(first))?;
-        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        // Positions past the first ubatch attend to earlier ones through the cache, so a small
+        // ubatch measures the KV codec the way decoding uses it.
+        let mut logits = Vec::with_capacity((n_ctx - first) * vocab);
+        for (bi, part) in chunk.chunks(ubatch.max(1)).enumerate() {
+            let start = bi * ubatch.max(1);
+            let which = if start + part.len() <= first {
+                Logits::Last
+            } else {
+                Logits::From(first.saturating_sub(start))
+            };
+            let l = engine.model.forward(part, &mut cache, which)?;
+            if which != Logits::Last {
+                logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
         let targets = &tokens[start + first + 1..start + n_ctx];
         let (s, s2) = targets
             .par_iter()

@@ -20,16 +20,26 @@ pub enum CacheType {
     F32,
     F16,
     Bf16,
+    Q8_0,
+    Q4_0,
 }
 
 impl CacheType {
-    pub const ALL: &'static [CacheType] = &[CacheType::F32, CacheType::F16, CacheType::Bf16];
+    pub const ALL: &'static [CacheType] = &[
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             CacheType::F32 => "f32",
             CacheType::F16 => "f16",
             CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
         }
     }
 
@@ -39,6 +49,8 @@ impl CacheType {
             CacheType::F32 => Box::new(codec::f32::F32Codec),
             CacheType::F16 => Box::new(codec::f16::F16Codec),
             CacheType::Bf16 => Box::new(codec::f16::Bf16Codec),
+            CacheType::Q8_0 => Box::new(codec::q8_0::Q8_0Codec),
+            CacheType::Q4_0 => Box::new(codec::q4_0::Q4_0Codec),
         }
     }
 }

@@ -89,6 +89,17 @@ impl KvCache {
                 arch.n_layer
             );
         }
+        for (il, g) in arch.layers.iter().enumerate() {
+            for ty in [policy.layers[il].0, policy.layers[il].1] {
+                let block = ty.codec().block_size();
+                if !g.head_dim.is_multiple_of(block) {
+                    bail!(
+                        "cache type {ty} needs a head_dim that is a multiple of {block}; layer {il} has {}",
+                        g.head_dim
+                    );
+                }
+            }
+        }
         let layers = arch
             .layers
             .iter()

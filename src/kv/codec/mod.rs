@@ -2,12 +2,32 @@
 
 pub mod f16;
 pub mod f32;
+pub mod q4_0;
+pub mod q8_0;
+
+#[cfg(test)]
+pub(crate) mod test_vectors {
+    /// 64 values shared by the ggml compatibility tests: sin(0.7·i)·3 + (i mod 5)·0.1.
+    pub fn ggml_test_row() -> Vec<f32> {
+        (0..64)
+            .map(|i| ((i as f64 * 0.7).sin() * 3.0 + (i % 5) as f64 * 0.1) as f32)
+            .collect()
+    }
+
+    pub fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
 
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///
 /// Rotation codecs work in their own domain: [`KvCodec::prepare_query`] maps a query into it once
 /// per head, `dot`/`axpy` stay there, and [`KvCodec::finish_output`] maps the accumulated V back.
 pub trait KvCodec: Send + Sync {
+    /// Values per block; a head_dim must be a multiple of it.
+    fn block_size(&self) -> usize {
+        1
+    }
     fn bytes_per_row(&self, head_dim: usize) -> usize;
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]);
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]);
