@@ -14,45 +14,41 @@ pub use attention::attention;
 pub use codec::KvCodec;
 pub use store::{KvCache, LayerCache};
 
-/// A KV cache storage type, as `-ctk` / `-ctv` spell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum CacheType {
-    F32,
-    F16,
-    Bf16,
-    Q8_0,
-    Q4_0,
+/// Declares the cache types: variant, the name `-ctk` / `-ctv` take, the codec that stores it.
+/// Adding a codec is its file under `codec/` plus one line here.
+macro_rules! cache_types {
+    ($($variant:ident => $name:literal, $codec:expr;)+) => {
+        /// A KV cache storage type, as `-ctk` / `-ctv` spell it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+        pub enum CacheType {
+            $($variant,)+
+        }
+
+        impl CacheType {
+            pub const ALL: &'static [CacheType] = &[$(CacheType::$variant,)+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(CacheType::$variant => $name,)+
+                }
+            }
+
+            /// The codec that stores rows of this type.
+            pub fn codec(self) -> Box<dyn KvCodec> {
+                match self {
+                    $(CacheType::$variant => Box::new($codec),)+
+                }
+            }
+        }
+    };
 }
 
-impl CacheType {
-    pub const ALL: &'static [CacheType] = &[
-        CacheType::F32,
-        CacheType::F16,
-        CacheType::Bf16,
-        CacheType::Q8_0,
-        CacheType::Q4_0,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheType::F32 => "f32",
-            CacheType::F16 => "f16",
-            CacheType::Bf16 => "bf16",
-            CacheType::Q8_0 => "q8_0",
-            CacheType::Q4_0 => "q4_0",
-        }
-    }
-
-    /// The codec that stores rows of this type.
-    pub fn codec(self) -> Box<dyn KvCodec> {
-        match self {
-            CacheType::F32 => Box::new(codec::f32::F32Codec),
-            CacheType::F16 => Box::new(codec::f16::F16Codec),
-            CacheType::Bf16 => Box::new(codec::f16::Bf16Codec),
-            CacheType::Q8_0 => Box::new(codec::q8_0::Q8_0Codec),
-            CacheType::Q4_0 => Box::new(codec::q4_0::Q4_0Codec),
-        }
-    }
+cache_types! {
+    F32 => "f32", codec::f32::F32Codec;
+    F16 => "f16", codec::f16::F16Codec;
+    Bf16 => "bf16", codec::f16::Bf16Codec;
+    Q8_0 => "q8_0", codec::q8_0::Q8_0Codec;
+    Q4_0 => "q4_0", codec::q4_0::Q4_0Codec;
 }
 
 impl fmt::Display for CacheType {

@@ -5,20 +5,6 @@ pub mod f32;
 pub mod q4_0;
 pub mod q8_0;
 
-#[cfg(test)]
-pub(crate) mod test_vectors {
-    /// 64 values shared by the ggml compatibility tests: sin(0.7·i)·3 + (i mod 5)·0.1.
-    pub fn ggml_test_row() -> Vec<f32> {
-        (0..64)
-            .map(|i| ((i as f64 * 0.7).sin() * 3.0 + (i % 5) as f64 * 0.1) as f32)
-            .collect()
-    }
-
-    pub fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-}
-
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///
 /// Rotation codecs work in their own domain: [`KvCodec::prepare_query`] maps a query into it once
@@ -78,5 +64,19 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy_f32(w: f32, x: &[f32], acc: &mut [f32]) {
     for (a, x) in acc.iter_mut().zip(x) {
         *a += w * x;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_vectors {
+    /// 64 values shared by the ggml compatibility tests: sin(0.7·i)·3 + (i mod 5)·0.1.
+    pub fn ggml_test_row() -> Vec<f32> {
+        (0..64)
+            .map(|i| ((i as f64 * 0.7).sin() * 3.0 + (i % 5) as f64 * 0.1) as f32)
+            .collect()
+    }
+
+    pub fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 }
