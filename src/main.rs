@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use dhurandhar::bench::perplexity::perplexity;
+use dhurandhar::bench::perplexity::{KlMode, perplexity};
 use dhurandhar::engine::run::{RunOptions, run};
 use dhurandhar::engine::sampling::SamplingParams;
 use dhurandhar::engine::{Engine, EngineConfig};
@@ -130,6 +130,12 @@ struct PplArgs {
     /// Tokens per forward pass; smaller makes later tokens read earlier ones from the KV cache.
     #[arg(long = "ubatch-size", default_value_t = 512)]
     ubatch_size: usize,
+    /// Logits file of a base run: written by a run with this flag alone, read with --kl-divergence.
+    #[arg(long)]
+    kl_divergence_base: Option<PathBuf>,
+    /// Compare this run's distributions with the --kl-divergence-base file (KL divergence).
+    #[arg(long, requires = "kl_divergence_base")]
+    kl_divergence: bool,
 }
 
 impl ModelArgs {
@@ -214,6 +220,13 @@ fn main() -> ExitCode {
                 a.model.ctx_size,
                 a.ubatch_size,
                 a.chunks,
+                a.kl_divergence_base.as_deref().map(|p| {
+                    if a.kl_divergence {
+                        KlMode::Compare(p)
+                    } else {
+                        KlMode::WriteBase(p)
+                    }
+                }),
                 &mut std::io::stdout(),
             )
             .map(|_| ())

@@ -99,7 +99,7 @@ fn ppl_matches(path: &Path, key: &str) {
     let text =
         std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt")).unwrap();
     let e = engine(path, 512);
-    let got = perplexity(&e, &text, 512, 512, Some(40), &mut std::io::sink()).unwrap();
+    let got = perplexity(&e, &text, 512, 512, Some(40), None, &mut std::io::sink()).unwrap();
     let rel = (got.ppl - want) / want;
     eprintln!(
         "{key}: PPL {:.4} vs llama.cpp {want:.4} ({:+.3}%)",

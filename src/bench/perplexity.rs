@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 
+use super::kld::{KlReader, KlSummary, KlWriter};
 use crate::engine::Engine;
 use crate::model::Logits;
 
@@ -19,6 +20,15 @@ pub struct PplResult {
     pub chunks: usize,
     pub tokens_scored: usize,
     pub seconds: f64,
+    pub kl: Option<KlSummary>,
+}
+
+/// What to do with the logits beside scoring them (llama-perplexity's KL options).
+pub enum KlMode<'a> {
+    /// `--kl-divergence-base F`: store them as the base.
+    WriteBase(&'a std::path::Path),
+    /// `--kl-divergence-base F --kl-divergence`: compare them with the stored base.
+    Compare(&'a std::path::Path),
 }
 
 /// Scores `text`; running values go to `out`, progress to stderr.
@@ -28,6 +38,7 @@ pub fn perplexity(
     n_ctx: usize,
     ubatch: usize,
     max_chunks: Option<usize>,
+    kl: Option<KlMode>,
     out: &mut dyn Write,
 ) -> Result<PplResult> {
     let tok = engine.tokenizer()?;
@@ -50,6 +61,12 @@ pub fn perplexity(
     let n_chunk = max_chunks.map_or(n_chunk_max, |c| c.min(n_chunk_max));
     let first = n_ctx / 2;
     let vocab = engine.model.arch.vocab;
+    let evaluated = &tokens[..n_chunk * n_ctx];
+    let (mut writer, mut reader) = match kl {
+        Some(KlMode::WriteBase(p)) => (Some(KlWriter::create(p, n_ctx, vocab, evaluated)?), None),
+        Some(KlMode::Compare(p)) => (None, Some(KlReader::open(p, n_ctx, vocab, evaluated)?)),
+        None => (None, None),
+    };
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let mut cache = engine.new_cache(n_ctx)?;
     let t_start = Instant::now();
@@ -87,6 +104,15 @@ pub fn perplexity(
                 (v, v * v)
             })
             .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        for (j, &t) in targets.iter().enumerate() {
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            if let Some(w) = writer.as_mut() {
+                w.push(row)?;
+            }
+            if let Some(r) = reader.as_mut() {
+                r.push(row, t as usize)?;
+            }
+        }
         nll += s;
         nll2 += s2;
         count += targets.len();
@@ -110,12 +136,20 @@ pub fn perplexity(
         0.0
     };
     writeln!(out, "Final estimate: PPL = {ppl:.4} +/- {ppl_err:.5}")?;
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    let kl = reader.map(|r| r.summary());
+    if let Some(k) = &kl {
+        k.print(out)?;
+    }
     Ok(PplResult {
         ppl,
         ppl_err,
         chunks: n_chunk,
         tokens_scored: count,
         seconds: t_start.elapsed().as_secs_f64(),
+        kl,
     })
 }
 

@@ -49,6 +49,9 @@ cache_types! {
     Bf16 => "bf16", codec::f16::Bf16Codec;
     Q8_0 => "q8_0", codec::q8_0::Q8_0Codec;
     Q4_0 => "q4_0", codec::q4_0::Q4_0Codec;
+    Turbo4 => "turbo4", codec::turbo4::Turbo4Codec::default();
+    Turbo3 => "turbo3", codec::turbo3::Turbo3Codec::default();
+    Turbo2 => "turbo2", codec::turbo2::Turbo2Codec::default();
 }
 
 impl fmt::Display for CacheType {

@@ -2,8 +2,14 @@
 
 pub mod f16;
 pub mod f32;
+pub mod lloyd_max;
 pub mod q4_0;
 pub mod q8_0;
+pub mod turbo;
+pub mod turbo2;
+pub mod turbo3;
+pub mod turbo4;
+pub mod wht;
 
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///

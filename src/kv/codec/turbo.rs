@@ -1,0 +1,386 @@
+//! TurboQuant rows (arXiv 2504.19874, as the TurboQuant llama.cpp fork builds it): per group of
+//! 64 or 128 values, the L2 norm is taken out, the unit vector is rotated by the randomized WHT
+//! ([`super::wht`]) and every coordinate is replaced by the index of its nearest Lloyd–Max
+//! centroid. The stored norm is corrected to `‖x‖ / ‖c‖` so a row's reconstruction keeps its
+//! length. Attention stays in the rotated domain: the query is rotated once, scores are
+//! `norm · <q_rot, c[idx]>`, V accumulates rotated and is rotated back once per head.
+//!
+//! The three widths differ only in how a group's norm and indices are packed; each lives in its
+//! own file as a [`TurboLayout`].
+
+use std::marker::PhantomData;
+
+use half::f16;
+
+use super::lloyd_max::{self, Codebook};
+use super::{KvCodec, wht};
+
+/// How one group of `g` indices and its norm are laid out in bytes.
+pub trait TurboLayout: Send + Sync + 'static {
+    const BITS: u32;
+    fn group_bytes(g: usize) -> usize;
+    fn pack(norm: f16, codes: &[u8], dst: &mut [u8]);
+    /// Writes the group's indices to `codes` and returns its norm.
+    fn unpack(src: &[u8], codes: &mut [u8]) -> f32;
+}
+
+/// Rotation group width for a head: 128 where it divides the head (the fork's group), else 64.
+pub fn group_width(head_dim: usize) -> usize {
+    if head_dim.is_multiple_of(128) { 128 } else { 64 }
+}
+
+pub struct Turbo<L>(PhantomData<L>);
+
+impl<L> Default for Turbo<L> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// A codebook padded to 16 entries for the SIMD lookups.
+fn table(cb: &Codebook) -> [f32; 16] {
+    let mut t = [0f32; 16];
+    t[..cb.centroids.len()].copy_from_slice(&cb.centroids);
+    t
+}
+
+impl<L: TurboLayout> Turbo<L> {
+    fn codebook(g: usize) -> &'static Codebook {
+        lloyd_max::turbo(g, L::BITS)
+    }
+
+    /// Quantizes one group with codebook `cb` (the tests pass the fork's own tables).
+    fn quantize_group(cb: &Codebook, x: &[f32], dst: &mut [u8]) {
+        let g = x.len();
+        let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let inv = if norm > 1e-10 { 1.0 / norm } else { 0.0 };
+        let mut buf = [0f32; 128];
+        let buf = &mut buf[..g];
+        for (b, v) in buf.iter_mut().zip(x) {
+            *b = v * inv;
+        }
+        wht::forward(buf);
+        let mut codes = [0u8; 128];
+        let mut recon = 0f32;
+        for (c, v) in codes.iter_mut().zip(buf.iter()) {
+            *c = cb.index(*v);
+            let y = cb.centroids[*c as usize];
+            recon += y * y;
+        }
+        let recon = recon.sqrt();
+        let corrected = if recon > 1e-10 { norm / recon } else { norm };
+        L::pack(f16::from_f32(corrected), &codes[..g], dst);
+    }
+}
+
+impl<L: TurboLayout> KvCodec for Turbo<L> {
+    fn block_size(&self) -> usize {
+        64
+    }
+
+    fn bytes_per_row(&self, head_dim: usize) -> usize {
+        let g = group_width(head_dim);
+        head_dim / g * L::group_bytes(g)
+    }
+
+    fn quantize_row(&self, src: &[f32], dst: &mut [u8]) {
+        let g = group_width(src.len());
+        for (x, d) in src
+            .chunks_exact(g)
+            .zip(dst.chunks_exact_mut(L::group_bytes(g)))
+        {
+            Self::quantize_group(Self::codebook(g), x, d);
+        }
+    }
+
+    fn dequantize_row(&self, src: &[u8], dst: &mut [f32]) {
+        let g = group_width(dst.len());
+        let cb = Self::codebook(g);
+        let mut codes = [0u8; 128];
+        for (s, y) in src
+            .chunks_exact(L::group_bytes(g))
+            .zip(dst.chunks_exact_mut(g))
+        {
+            let norm = L::unpack(s, &mut codes[..g]);
+            for (o, &c) in y.iter_mut().zip(&codes[..g]) {
+                *o = norm * cb.centroids[c as usize];
+            }
+            wht::inverse(y);
+        }
+    }
+
+    fn prepare_query(&self, q: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(q);
+        for grp in out.chunks_exact_mut(group_width(q.len())) {
+            wht::forward(grp);
+        }
+    }
+
+    fn finish_output(&self, acc: &mut [f32]) {
+        for grp in acc.chunks_exact_mut(group_width(acc.len())) {
+            wht::inverse(grp);
+        }
+    }
+
+    fn dot(&self, q: &[f32], row: &[u8]) -> f32 {
+        let mut out = [0f32];
+        self.dot_rows(q, row, &mut out);
+        out[0]
+    }
+
+    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
+        self.axpy_rows(&[w], row, acc);
+    }
+
+    fn dot_rows(&self, q: &[f32], rows: &[u8], out: &mut [f32]) {
+        let g = group_width(q.len());
+        let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
+        let rb = self.bytes_per_row(q.len());
+        let mut codes = [0u8; 128];
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+            let mut s = 0f32;
+            for (grp, qg) in row.chunks_exact(gb).zip(q.chunks_exact(g)) {
+                let norm = L::unpack(grp, &mut codes[..g]);
+                s += norm * simd::dot_codes(qg, &codes[..g], &t, L::BITS);
+            }
+            *o = s;
+        }
+    }
+
+    fn axpy_rows(&self, w: &[f32], rows: &[u8], acc: &mut [f32]) {
+        let g = group_width(acc.len());
+        let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
+        let rb = self.bytes_per_row(acc.len());
+        let mut codes = [0u8; 128];
+        for (&wi, row) in w.iter().zip(rows.chunks_exact(rb)) {
+            for (grp, ag) in row.chunks_exact(gb).zip(acc.chunks_exact_mut(g)) {
+                let norm = L::unpack(grp, &mut codes[..g]);
+                simd::axpy_codes(wi * norm, &codes[..g], &t, L::BITS, ag);
+            }
+        }
+    }
+}
+
+/// Reads the f16 norm at the start of a group.
+pub fn read_norm(src: &[u8]) -> f32 {
+    f16::from_le_bytes([src[0], src[1]]).to_f32()
+}
+
+/// 2-bit fields of a byte, low first, one per output byte.
+pub const UNPACK2: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 4 {
+            t[b][k] = ((b >> (2 * k)) & 3) as u8;
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Codebook lookups against unpacked indices: AVX2 permutes where the CPU has them.
+mod simd {
+    pub fn dot_codes(q: &[f32], codes: &[u8], table: &[f32; 16], bits: u32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); lengths are multiples of 8.
+            return unsafe { x86::dot_codes(q, codes, table, bits == 4) };
+        }
+        let _ = bits;
+        q.iter()
+            .zip(codes)
+            .map(|(x, &c)| x * table[c as usize])
+            .sum()
+    }
+
+    pub fn axpy_codes(w: f32, codes: &[u8], table: &[f32; 16], bits: u32, acc: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as in `dot_codes`.
+            return unsafe { x86::axpy_codes(w, codes, table, bits == 4, acc) };
+        }
+        let _ = bits;
+        for (a, &c) in acc.iter_mut().zip(codes) {
+            *a += w * table[c as usize];
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// Eight table entries for eight indices; 16-entry tables blend the upper half in.
+        #[inline(always)]
+        unsafe fn lookup(codes: *const u8, lo: __m256, hi: __m256, wide: bool) -> __m256 {
+            unsafe {
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes as *const __m128i));
+                let v = _mm256_permutevar8x32_ps(lo, idx);
+                if wide {
+                    let upper = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+                    let vh = _mm256_permutevar8x32_ps(hi, idx);
+                    _mm256_blendv_ps(v, vh, _mm256_castsi256_ps(upper))
+                } else {
+                    v
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_codes(q: &[f32], codes: &[u8], table: &[f32; 16], wide: bool) -> f32 {
+            unsafe {
+                let lo = _mm256_loadu_ps(table.as_ptr());
+                let hi = _mm256_loadu_ps(table.as_ptr().add(8));
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let n = q.len().min(codes.len());
+                let mut i = 0;
+                while i + 16 <= n {
+                    let v0 = lookup(codes.as_ptr().add(i), lo, hi, wide);
+                    let v1 = lookup(codes.as_ptr().add(i + 8), lo, hi, wide);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), v0, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), v1, a1);
+                    i += 16;
+                }
+                while i + 8 <= n {
+                    let v0 = lookup(codes.as_ptr().add(i), lo, hi, wide);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), v0, a0);
+                    i += 8;
+                }
+                let a = _mm256_add_ps(a0, a1);
+                let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                _mm_cvtss_f32(s)
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn axpy_codes(
+            w: f32,
+            codes: &[u8],
+            table: &[f32; 16],
+            wide: bool,
+            acc: &mut [f32],
+        ) {
+            unsafe {
+                let lo = _mm256_loadu_ps(table.as_ptr());
+                let hi = _mm256_loadu_ps(table.as_ptr().add(8));
+                let wv = _mm256_set1_ps(w);
+                let n = acc.len().min(codes.len());
+                let mut i = 0;
+                while i + 8 <= n {
+                    let v = lookup(codes.as_ptr().add(i), lo, hi, wide);
+                    let p = acc.as_mut_ptr().add(i);
+                    _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(p)));
+                    i += 8;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Heavy-tailed test rows: a few large channels over a smooth background, like real K.
+    pub fn rows(n: usize, d: usize) -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|r| {
+                (0..d)
+                    .map(|i| {
+                        let x = ((r * 31 + i * 17) as f32 * 0.37).sin();
+                        if i % 29 == 3 {
+                            6.0 * x
+                        } else {
+                            x + 0.1 * (r as f32)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Generic checks every turbo width must pass: bytes, reconstruction, fused paths agree with
+    /// dequantize-then-dot, and the error shrinks with more bits.
+    pub fn check<L: TurboLayout>(max_rel_mse: f32) {
+        let codec = Turbo::<L>::default();
+        for d in [64, 128, 256] {
+            let rb = codec.bytes_per_row(d);
+            let g = group_width(d);
+            assert_eq!(rb, d / g * L::group_bytes(g));
+            let mut mse = 0f32;
+            let mut energy = 0f32;
+            for x in rows(8, d) {
+                let mut row = vec![0u8; rb];
+                codec.quantize_row(&x, &mut row);
+                let mut y = vec![0f32; d];
+                codec.dequantize_row(&row, &mut y);
+                mse += x
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>();
+                energy += x.iter().map(|a| a * a).sum::<f32>();
+                let q: Vec<f32> = (0..d).map(|i| ((i * 3) as f32 * 0.11).cos()).collect();
+                let mut qr = vec![0f32; d];
+                codec.prepare_query(&q, &mut qr);
+                let want: f32 = q.iter().zip(&y).map(|(a, b)| a * b).sum();
+                let got = codec.dot(&qr, &row);
+                assert!(
+                    (want - got).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{want} vs {got}"
+                );
+                let mut acc = vec![0f32; d];
+                codec.axpy(0.5, &row, &mut acc);
+                codec.finish_output(&mut acc);
+                for (a, b) in acc.iter().zip(&y) {
+                    assert!((a - 0.5 * b).abs() < 1e-4);
+                }
+            }
+            let rel = mse / energy;
+            assert!(rel < max_rel_mse, "d={d}: relative MSE {rel}");
+        }
+    }
+
+    /// Quantizing the fork's test vectors (scripts/turbo_vectors.sh) with the fork's codebook
+    /// gives the fork's indices, and its norm to within one f16 step.
+    pub fn fork_vectors<L: TurboLayout>(name: &str) {
+        let all: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/data/turbo_fork_vectors.json"))
+                .unwrap();
+        let cb = lloyd_max::fork_128(L::BITS);
+        let cases = all[name].as_array().unwrap();
+        assert_eq!(cases.len(), 16);
+        for case in cases {
+            let x: Vec<f32> = case["x"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let hex = case["bytes"].as_str().unwrap();
+            let want: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            let mut got = vec![0u8; L::group_bytes(128)];
+            Turbo::<L>::quantize_group(&cb, &x, &mut got);
+            let (mut cw, mut cg) = ([0u8; 128], [0u8; 128]);
+            let nw = L::unpack(&want, &mut cw);
+            let ng = L::unpack(&got, &mut cg);
+            assert_eq!(cw, cg, "{name}: indices differ");
+            assert_eq!(want[2..], got[2..], "{name}: packed bytes differ");
+            assert!(
+                (nw - ng).abs() <= nw.abs() / 1024.0,
+                "{name}: norm {nw} vs {ng}"
+            );
+        }
+    }
+}
