@@ -45,6 +45,11 @@ struct ModelArgs {
     /// KV cache type for V.
     #[arg(long = "cache-type-v", default_value = "f16")]
     cache_type_v: CacheType,
+    /// Per-layer cache types: a TurboQuant fork mode (0,1,2,5,6,7), a preset (uniform,
+    /// q8-boundary, q8-last8, boundary-v-turbo4, v-last8, boundary-v) or LAYERS:K/V,...
+    /// Defaults to env TURBO_LAYER_ADAPTIVE.
+    #[arg(long, env = "TURBO_LAYER_ADAPTIVE")]
+    kv_layer_policy: Option<String>,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -159,6 +164,7 @@ impl ModelArgs {
             cache_k: self.cache_type_k,
             cache_v: self.cache_type_v,
             chat_template,
+            kv_layer_policy: self.kv_layer_policy.clone(),
         })
     }
 }

@@ -15,6 +15,7 @@ fn engine(arch: &str) -> Engine {
         cache_k: CacheType::F32,
         cache_v: CacheType::F32,
         chat_template: None,
+        kv_layer_policy: None,
     })
     .unwrap()
 }

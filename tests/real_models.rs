@@ -30,6 +30,7 @@ fn engine(path: &Path, n_ctx: usize) -> Engine {
         cache_k: CacheType::F16,
         cache_v: CacheType::F16,
         chat_template: None,
+        kv_layer_policy: None,
     })
     .unwrap()
 }

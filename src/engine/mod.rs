@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub cache_v: CacheType,
     /// Overrides the model's own template (`--chat-template`).
     pub chat_template: Option<String>,
+    /// `--kv-layer-policy`: a fork mode, preset or per-layer list (see `kv::policy`).
+    pub kv_layer_policy: Option<String>,
 }
 
 pub struct Engine {
@@ -82,7 +84,12 @@ impl Engine {
             }
             _ => None,
         };
-        let policy = KvPolicy::uniform(model.arch.n_layer, cfg.cache_k, cfg.cache_v);
+        let policy = KvPolicy::resolve(
+            model.arch.n_layer,
+            cfg.cache_k,
+            cfg.cache_v,
+            cfg.kv_layer_policy.as_deref(),
+        )?;
         let a = &model.arch;
         eprintln!(
             "model: {} ({}), {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {}, {:.2} MiB; loaded in {:.0} ms",

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod codec;
+pub mod policy;
 pub mod store;
 
 use std::fmt;
@@ -12,6 +13,7 @@ use anyhow::{Result, bail};
 
 pub use attention::attention;
 pub use codec::KvCodec;
+pub use policy::KvPolicy;
 pub use store::{KvCache, LayerCache};
 
 /// Declares the cache types: variant, the name `-ctk` / `-ctv` take, the codec that stores it.
@@ -54,6 +56,13 @@ cache_types! {
     Turbo2 => "turbo2", codec::turbo2::Turbo2Codec::default();
 }
 
+impl CacheType {
+    /// The TurboQuant family, which the fork's layer-adaptive modes key on.
+    pub fn is_turbo(self) -> bool {
+        matches!(self, Self::Turbo2 | Self::Turbo3 | Self::Turbo4)
+    }
+}
+
 impl fmt::Display for CacheType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -70,20 +79,6 @@ impl FromStr for CacheType {
                 let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
                 bail!("unknown cache type `{s}` (supported: {})", names.join(", "))
             }
-        }
-    }
-}
-
-/// The K and V type of every layer.
-#[derive(Debug, Clone)]
-pub struct KvPolicy {
-    pub layers: Vec<(CacheType, CacheType)>,
-}
-
-impl KvPolicy {
-    pub fn uniform(n_layer: usize, k: CacheType, v: CacheType) -> Self {
-        Self {
-            layers: vec![(k, v); n_layer],
         }
     }
 }

@@ -138,11 +138,7 @@ impl KvCache {
     /// One line per cache in llama.cpp's style, for the load report.
     pub fn describe(&self) -> String {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-        let kinds = |f: fn(&LayerCache) -> CacheType| {
-            let mut v: Vec<&str> = self.layers.iter().map(|l| f(l).name()).collect();
-            v.dedup();
-            v.join("/")
-        };
+        let kinds = |f: fn(&LayerCache) -> CacheType| KvPolicy::summary(self.layers.iter().map(f));
         format!(
             "kv cache: size = {:.2} MiB ({} cells, {} layers), K ({}): {:.2} MiB, V ({}): {:.2} MiB",
             mib(self.k_bytes() + self.v_bytes()),
