@@ -29,6 +29,36 @@ enum Command {
     Run(RunArgs),
     /// Perplexity of a text file, as llama-perplexity computes it.
     Perplexity(PplArgs),
+    /// Error and speed of every KV cache type on synthetic or captured K/V rows.
+    Codecs(CodecsArgs),
+}
+
+#[derive(Args)]
+struct CodecsArgs {
+    /// Capture K/V rows from this model (GGUF or HF dir) instead of synthetic rows.
+    #[arg(long)]
+    from_model: Option<PathBuf>,
+    /// Text the model reads to produce K/V (with --from-model).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of --text to run.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Width of synthetic rows (comma list).
+    #[arg(long, default_value = "64,128,256", value_delimiter = ',')]
+    head_dim: Vec<usize>,
+    /// Rows per set.
+    #[arg(long, default_value_t = 4096)]
+    rows: usize,
+    /// Cache types to measure (comma list; default all).
+    #[arg(long, value_delimiter = ',')]
+    types: Vec<CacheType>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Threads for the model run.
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -143,6 +173,58 @@ struct PplArgs {
     kl_divergence: bool,
 }
 
+fn codecs(a: &CodecsArgs) -> Result<()> {
+    use dhurandhar::bench::codecs::{from_model, measure, synthetic, table};
+    let sets = match &a.from_model {
+        Some(m) => {
+            let text_path = a
+                .text
+                .as_ref()
+                .context("--from-model needs --text FILE for the model to read")?;
+            let text = std::fs::read_to_string(text_path)
+                .with_context(|| format!("reading {}", text_path.display()))?;
+            let engine = ModelArgs {
+                model: m.clone(),
+                ctx_size: a.tokens,
+                cache_type_k: CacheType::F32,
+                cache_type_v: CacheType::F32,
+                kv_layer_policy: None,
+                threads: a.threads,
+                chat_template: None,
+                jinja: false,
+            }
+            .engine()?;
+            from_model(&engine, &text, a.tokens, a.rows)?
+        }
+        None => a
+            .head_dim
+            .iter()
+            .map(|&d| synthetic(d, a.rows, 42))
+            .collect(),
+    };
+    let types = if a.types.is_empty() {
+        CacheType::ALL.to_vec()
+    } else {
+        a.types.clone()
+    };
+    let mut reports = Vec::new();
+    for set in &sets {
+        for &t in &types {
+            eprintln!("codecs: {} on {} rows of {}", t, set.rows.len(), set.source);
+            match measure(t, set, 7) {
+                Ok(r) => reports.push(r),
+                Err(e) => eprintln!("codecs: skipping {t} on {}: {e}", set.source),
+            }
+        }
+    }
+    print!("{}", table(&reports));
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 impl ModelArgs {
     fn engine(&self) -> Result<Engine> {
         // candle and rayon size their pools from this variable; it must be set before either starts.
@@ -217,6 +299,7 @@ fn main() -> ExitCode {
                 },
             )
         }),
+        Command::Codecs(a) => codecs(&a),
         Command::Perplexity(a) => a.model.engine().and_then(|e| {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;

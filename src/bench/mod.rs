@@ -1,4 +1,5 @@
 //! Measuring: perplexity / KL-divergence (llama-perplexity's method) and benchmarks.
 
+pub mod codecs;
 pub mod kld;
 pub mod perplexity;

@@ -74,7 +74,10 @@ impl KvPolicy {
                 None => (parse_layer(range)?, parse_layer(range)?),
             };
             if lo > hi || hi >= n_layer {
-                bail!("--kv-layer-policy: layers {range} are outside 0-{}", n_layer - 1);
+                bail!(
+                    "--kv-layer-policy: layers {range} are outside 0-{}",
+                    n_layer - 1
+                );
             }
             let (tk, tv) = match types.split_once('/') {
                 Some((a, b)) => (a.parse()?, b.parse()?),

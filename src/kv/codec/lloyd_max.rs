@@ -24,7 +24,7 @@ impl Codebook {
     /// Index of the centroid nearest to `x` (ties go up, as the fork's `x < mid` chains do).
     #[inline]
     pub fn index(&self, x: f32) -> u8 {
-        self.mids.iter().filter(|&&m| x >= m).count() as u8
+        self.mids.partition_point(|&m| m <= x) as u8
     }
 }
 

@@ -26,7 +26,11 @@ pub trait TurboLayout: Send + Sync + 'static {
 
 /// Rotation group width for a head: 128 where it divides the head (the fork's group), else 64.
 pub fn group_width(head_dim: usize) -> usize {
-    if head_dim.is_multiple_of(128) { 128 } else { 64 }
+    if head_dim.is_multiple_of(128) {
+        128
+    } else {
+        64
+    }
 }
 
 pub struct Turbo<L>(PhantomData<L>);

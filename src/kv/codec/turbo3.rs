@@ -6,6 +6,23 @@ use half::f16;
 
 use super::turbo::{Turbo, TurboLayout, UNPACK2, read_norm};
 
+/// Bit k of a signs byte becomes 4 in byte k: the third index bit of eight values at once.
+const HIGH_BIT: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 8 {
+            if b >> k & 1 == 1 {
+                t[b] |= 4 << (8 * k);
+            }
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 pub struct Turbo3;
 pub type Turbo3Codec = Turbo<Turbo3>;
 
@@ -38,9 +55,8 @@ impl TurboLayout for Turbo3 {
             c.copy_from_slice(&UNPACK2[b as usize]);
         }
         for (c, &s) in codes.chunks_exact_mut(8).zip(signs) {
-            for (k, x) in c.iter_mut().enumerate() {
-                *x |= ((s >> k) & 1) << 2;
-            }
+            let low = u64::from_le_bytes(c.try_into().expect("8 codes"));
+            c.copy_from_slice(&(low | HIGH_BIT[s as usize]).to_le_bytes());
         }
         read_norm(src)
     }
