@@ -31,6 +31,42 @@ enum Command {
     Perplexity(PplArgs),
     /// Error and speed of every KV cache type on synthetic or captured K/V rows.
     Codecs(CodecsArgs),
+    /// Prompt and generation speed, llama-bench's tests and output.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Models (comma list or repeated).
+    #[arg(short = 'm', long, value_delimiter = ',', required = true)]
+    model: Vec<PathBuf>,
+    /// Prompt lengths to time (0 skips).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to time (0 skips).
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    n_gen: Vec<usize>,
+    /// Prompt then generation, timed together: PP,TG (repeatable).
+    #[arg(long = "prompt-gen")]
+    prompt_gen: Vec<String>,
+    /// Context already in the cache before each test.
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
+    n_depth: Vec<usize>,
+    #[arg(long = "cache-type-k", value_delimiter = ',', default_value = "f16")]
+    cache_type_k: Vec<CacheType>,
+    #[arg(long = "cache-type-v", value_delimiter = ',', default_value = "f16")]
+    cache_type_v: Vec<CacheType>,
+    /// See `run --help`.
+    #[arg(long, env = "TURBO_LAYER_ADAPTIVE")]
+    kv_layer_policy: Option<String>,
+    /// Threads (one value: the thread pool is sized once per process).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Repetitions per test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    #[arg(short = 'o', long, value_enum, default_value = "md")]
+    output: dhurandhar::bench::speed::Format,
 }
 
 #[derive(Args)]
@@ -173,6 +209,62 @@ struct PplArgs {
     kl_divergence: bool,
 }
 
+fn set_threads(threads: Option<usize>) -> usize {
+    // candle and rayon size their pools from this variable; it must be set before either starts.
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // SAFETY: set once, first thing, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    threads
+}
+
+fn bench(a: &BenchArgs) -> Result<()> {
+    use dhurandhar::bench::speed::{self, BenchConfig, Format};
+    use std::io::Write;
+    let threads = set_threads(a.threads);
+    let prompt_gen = a
+        .prompt_gen
+        .iter()
+        .map(|s| {
+            let (p, g) = s
+                .split_once(',')
+                .with_context(|| format!("--prompt-gen {s}: expected PP,TG"))?;
+            Ok((p.trim().parse()?, g.trim().parse()?))
+        })
+        .collect::<Result<Vec<(usize, usize)>>>()?;
+    let cfg = BenchConfig {
+        models: a.model.clone(),
+        n_prompt: a.n_prompt.clone(),
+        n_gen: a.n_gen.clone(),
+        prompt_gen,
+        depths: a.n_depth.clone(),
+        types_k: a.cache_type_k.clone(),
+        types_v: a.cache_type_v.clone(),
+        threads,
+        repetitions: a.repetitions.max(1),
+        kv_layer_policy: a.kv_layer_policy.clone(),
+    };
+    let mut stdout = std::io::stdout();
+    match a.output {
+        Format::Md => write!(stdout, "{}", speed::md_header())?,
+        Format::Csv => write!(stdout, "{}", speed::CSV_HEADER)?,
+        _ => {}
+    }
+    let results = speed::run(&cfg, |r| {
+        let line = match a.output {
+            Format::Md => speed::md_row(r),
+            Format::Csv => speed::csv_row(r),
+            Format::Jsonl => serde_json::to_string(r).unwrap_or_default() + "\n",
+            Format::Json => return,
+        };
+        print!("{line}");
+        let _ = std::io::stdout().flush();
+    })?;
+    if a.output == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(())
+}
+
 fn codecs(a: &CodecsArgs) -> Result<()> {
     use dhurandhar::bench::codecs::{from_model, measure, synthetic, table};
     let sets = match &a.from_model {
@@ -227,12 +319,7 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
 
 impl ModelArgs {
     fn engine(&self) -> Result<Engine> {
-        // candle and rayon size their pools from this variable; it must be set before either starts.
-        let threads = self
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        // SAFETY: set once, first thing, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        set_threads(self.threads);
         let chat_template = match &self.chat_template {
             Some(t) if t.starts_with('@') => Some(
                 std::fs::read_to_string(&t[1..])
@@ -259,6 +346,7 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-np", "--parallel"),
     ("-fa", "--flash-attn"),
     ("-ub", "--ubatch-size"),
+    ("-pg", "--prompt-gen"),
 ];
 
 fn main() -> ExitCode {
@@ -300,6 +388,7 @@ fn main() -> ExitCode {
             )
         }),
         Command::Codecs(a) => codecs(&a),
+        Command::Bench(a) => bench(&a),
         Command::Perplexity(a) => a.model.engine().and_then(|e| {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;

@@ -3,3 +3,4 @@
 pub mod codecs;
 pub mod kld;
 pub mod perplexity;
+pub mod speed;

@@ -102,6 +102,19 @@ impl Model {
         })
     }
 
+    /// Parameter count (values in every weight tensor), as llama-bench's `params` column.
+    pub fn n_params(&self) -> u64 {
+        match self.source.as_ref() {
+            Source::Gguf(g) => g
+                .content
+                .tensor_infos
+                .values()
+                .map(|t| t.shape.elem_count() as u64)
+                .sum(),
+            Source::Hf(h) => h.n_params(),
+        }
+    }
+
     /// Runs `tokens` at positions `cache.len..`, appends their K/V, returns logits [1|t, vocab].
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         let pos = cache.len;

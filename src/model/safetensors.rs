@@ -73,6 +73,20 @@ impl HfDir {
         })
     }
 
+    /// Values in every tensor of the checkpoint.
+    pub fn n_params(&self) -> u64 {
+        self.maps
+            .iter()
+            .filter_map(|m| SafeTensors::deserialize(m).ok())
+            .map(|st| {
+                st.tensors()
+                    .iter()
+                    .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     pub fn has_tensor(&self, gguf_name: &str) -> bool {
         self.index.contains_key(&self.hf_name(gguf_name))
     }
