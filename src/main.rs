@@ -41,16 +41,31 @@ struct BenchArgs {
     #[arg(short = 'm', long, value_delimiter = ',', required = true)]
     model: Vec<PathBuf>,
     /// Prompt lengths to time (0 skips).
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
     n_prompt: Vec<usize>,
     /// Generation lengths to time (0 skips).
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
     n_gen: Vec<usize>,
     /// Prompt then generation, timed together: PP,TG (repeatable).
     #[arg(long = "prompt-gen")]
     prompt_gen: Vec<String>,
     /// Context already in the cache before each test.
-    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
     n_depth: Vec<usize>,
     #[arg(long = "cache-type-k", value_delimiter = ',', default_value = "f16")]
     cache_type_k: Vec<CacheType>,
@@ -211,7 +226,8 @@ struct PplArgs {
 
 fn set_threads(threads: Option<usize>) -> usize {
     // candle and rayon size their pools from this variable; it must be set before either starts.
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // SAFETY: set once, first thing, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     threads

@@ -181,7 +181,7 @@ pub fn measure(ty: CacheType, set: &RowSet, seed: u64) -> Result<CodecReport> {
         let q: Vec<f32> = (0..d).map(|_| normal(&mut rng)).collect();
         codec.prepare_query(&q, &mut qr);
         let t = Instant::now();
-        codec.dot_rows(&qr, &store, &mut scores);
+        codec.dot_rows(d, &qr, &store, &mut scores);
         dot_ns += t.elapsed().as_nanos() as f64;
         for (x, &s) in set.rows.iter().zip(&scores) {
             let exact: f64 = q.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();

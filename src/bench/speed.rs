@@ -86,9 +86,8 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                 let kv_bytes = cache.k_bytes() + cache.v_bytes();
                 let mut rng = StdRng::seed_from_u64(1234);
                 let vocab = engine.model.arch.vocab as u32;
-                let mut tokens = |n: usize| -> Vec<u32> {
-                    (0..n).map(|_| rng.random_range(0..vocab)).collect()
-                };
+                let mut tokens =
+                    |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
                 // Warm-up: first-touch of weights and scratch, as llama-bench does.
                 engine.prefill(&mut cache, &tokens(16))?;
                 for &depth in &cfg.depths {

@@ -1,13 +1,18 @@
 //! Attention over the stored rows. The model hands in the chunk's own Q/K/V (already normed and
-//! roped); past positions are read from the store through the codec, the chunk's own positions at
-//! full precision. The chunk is appended to the store afterwards.
+//! roped); past positions are read from the store through the codecs' fused paths, the chunk's own
+//! positions at full precision. The chunk is appended to the store afterwards.
+//!
+//! Past rows are always read for a whole GQA group (and, in prefill, a block of queries) at once,
+//! so each compressed row is decoded once per tile and used by every query that needs it.
+
+use std::ops::Range;
 
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
 use super::codec::{axpy_f32, dot_f32};
-use super::store::LayerCache;
-use crate::parallel::par_chunks_mut;
+use super::store::{LayerCache, RowStore};
+use crate::parallel::{SharedMut, par_for};
 
 /// Causal attention of `t` queries at positions `pos..pos+t`.
 ///
@@ -72,6 +77,10 @@ struct Shape {
 }
 
 impl Shape {
+    fn group(&self) -> usize {
+        self.n_head / self.n_kv
+    }
+
     /// Oldest position query `ti` may see.
     fn lo(&self, cache: &LayerCache, ti: usize) -> usize {
         let qpos = self.pos + ti;
@@ -81,87 +90,159 @@ impl Shape {
     }
 }
 
-/// Scores of one query against its past rows, read through the K codec.
+/// `scores` [m, range.len()] of `m` prepared queries `qs` [m, hd] against K rows `range` of
+/// head `kvh`, through the codec, times `scale`.
 fn past_scores(
-    cache: &LayerCache,
-    qr: &[f32],
+    k: &RowStore,
+    hd: usize,
     kvh: usize,
-    past: std::ops::Range<usize>,
+    range: Range<usize>,
+    qs: &[f32],
     scale: f32,
-    scores: &mut Vec<f32>,
+    scores: &mut [f32],
 ) {
-    scores.clear();
-    scores.resize(past.len(), 0.0);
+    let (m, n) = (qs.len() / hd, range.len());
     let mut off = 0;
-    for (rows, n) in cache.k.segments(kvh, past) {
-        cache.k.codec.dot_rows(qr, rows, &mut scores[off..off + n]);
-        off += n;
-    }
-    for x in scores.iter_mut() {
-        *x *= scale;
+    let mut seg_scores = Vec::new();
+    for (rows, ns) in k.segments(kvh, range) {
+        if ns == 0 {
+            continue;
+        }
+        seg_scores.resize(m * ns, 0.0);
+        k.codec.dot_rows(hd, qs, rows, &mut seg_scores);
+        for i in 0..m {
+            for (d, s) in scores[i * n + off..][..ns]
+                .iter_mut()
+                .zip(&seg_scores[i * ns..(i + 1) * ns])
+            {
+                *d = s * scale;
+            }
+        }
+        off += ns;
     }
 }
 
-/// `o += Σ weights[i] · V(past[i])`, through the V codec, in its domain.
+/// `acc[i] += Σ_j w[i, j] · V(range[j])` in the V codec's domain; `w` [m, range.len()].
 fn past_values(
-    cache: &LayerCache,
+    v: &RowStore,
+    hd: usize,
     kvh: usize,
-    past: std::ops::Range<usize>,
-    weights: &[f32],
-    o: &mut [f32],
+    range: Range<usize>,
+    w: &[f32],
+    acc: &mut [f32],
 ) {
+    let (m, n) = (acc.len() / hd, range.len());
     let mut off = 0;
-    for (rows, n) in cache.v.segments(kvh, past) {
-        cache.v.codec.axpy_rows(&weights[off..off + n], rows, o);
-        off += n;
+    let mut seg_w = Vec::new();
+    for (rows, ns) in v.segments(kvh, range) {
+        if ns == 0 {
+            continue;
+        }
+        seg_w.clear();
+        for i in 0..m {
+            seg_w.extend_from_slice(&w[i * n + off..][..ns]);
+        }
+        v.codec.axpy_rows(hd, &seg_w, rows, acc);
+        off += ns;
     }
 }
 
-/// One query per head: the fused path, every score and V row read from the store.
+/// Softmax state of one query over part of its keys: running max, sum of weights, and the
+/// weighted V sum (in the V codec's domain) relative to that max.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// One query per head. Tasks are (KV head, slice of the past); each reads its slice once for
+/// the whole GQA group, and the slices' partial softmaxes are merged (flash-decoding).
 fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec<f32> {
-    let (hd, group) = (s.hd, s.n_head / s.n_kv);
-    let lo = s.lo(cache, 0);
-    let mut out = vec![0f32; q.len()];
-    // One head per task; decode work per head is small, so scratch is per task.
-    par_chunks_mut(&mut out, hd, |h, o| {
-        let (qr, scores) = (
-            &mut vec![0f32; hd],
-            &mut Vec::<f32>::with_capacity(s.pos + 1),
-        );
-        let kvh = h / group;
-        let qv = &q[h * hd..(h + 1) * hd];
-        cache.k.codec.prepare_query(qv, qr);
-        past_scores(cache, qr, kvh, lo..s.pos, s.scale, scores);
-        let own = dot_f32(qv, &k[kvh * hd..(kvh + 1) * hd]) * s.scale;
-        let max = scores.iter().copied().fold(own, f32::max);
-        let mut sum = (own - max).exp();
-        let w_own = sum;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+    let (hd, g) = (s.hd, s.group());
+    let past = s.lo(cache, 0)..s.pos;
+    let threads = candle_core::utils::get_num_threads().max(1);
+    // Enough slices to keep every thread busy, none shorter than a few tiles.
+    let n_split = past
+        .len()
+        .div_ceil(256)
+        .min((2 * threads).div_ceil(s.n_kv))
+        .max(1);
+    let split = past.len().div_ceil(n_split).max(1);
+    let n_tasks = s.n_kv * n_split;
+    let mut partials: Vec<Option<Partial>> = (0..n_tasks).map(|_| None).collect();
+    let shared = SharedMut::new(&mut partials);
+    par_for(n_tasks, |task| {
+        let (kvh, part) = (task / n_split, task % n_split);
+        let lo = past.start + part * split;
+        let range = lo.min(past.end)..(lo + split).min(past.end);
+        let mut qs = vec![0f32; g * hd];
+        for (gi, qr) in qs.chunks_exact_mut(hd).enumerate() {
+            let h = kvh * g + gi;
+            cache.k.codec.prepare_query(&q[h * hd..(h + 1) * hd], qr);
         }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for x in scores.iter_mut() {
-            *x *= inv;
+        let n = range.len();
+        let mut w = vec![0f32; g * n];
+        past_scores(&cache.k, hd, kvh, range.clone(), &qs, s.scale, &mut w);
+        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; g], vec![0f32; g]);
+        for gi in 0..g {
+            let row = &mut w[gi * n..(gi + 1) * n];
+            max[gi] = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in row.iter_mut() {
+                *x = (*x - max[gi]).exp();
+                sum[gi] += *x;
+            }
         }
-        past_values(cache, kvh, lo..s.pos, scores, o);
-        cache.v.codec.finish_output(o);
-        axpy_f32(w_own * inv, &v[kvh * hd..(kvh + 1) * hd], o);
+        let mut acc = vec![0f32; g * hd];
+        past_values(&cache.v, hd, kvh, range, &w, &mut acc);
+        // SAFETY: slot `task` belongs to this task alone.
+        let slot = unsafe { shared.range(task..task + 1) };
+        slot[0] = Some(Partial { max, sum, acc });
     });
+    let mut out = vec![0f32; q.len()];
+    for kvh in 0..s.n_kv {
+        let parts: Vec<&Partial> = partials[kvh * n_split..(kvh + 1) * n_split]
+            .iter()
+            .flatten()
+            .collect();
+        let (k_own, v_own) = (&k[kvh * hd..(kvh + 1) * hd], &v[kvh * hd..(kvh + 1) * hd]);
+        for gi in 0..g {
+            let h = kvh * g + gi;
+            let o = &mut out[h * hd..(h + 1) * hd];
+            let own = dot_f32(&q[h * hd..(h + 1) * hd], k_own) * s.scale;
+            let max = parts.iter().map(|p| p.max[gi]).fold(own, f32::max);
+            let mut total = (own - max).exp();
+            let w_own = total;
+            for p in &parts {
+                if p.sum[gi] > 0.0 {
+                    let c = (p.max[gi] - max).exp();
+                    total += c * p.sum[gi];
+                    axpy_f32(c, &p.acc[gi * hd..(gi + 1) * hd], o);
+                }
+            }
+            cache.v.codec.finish_output(o);
+            let inv = 1.0 / total;
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
+            axpy_f32(w_own * inv, v_own, o);
+        }
+    }
     out
 }
 
+/// Queries per prefill task (per GQA member): blocks share each decoded past tile.
+const PREFILL_BLOCK: usize = 16;
+
 /// A chunk of queries: the chunk's own K/V at full precision through matmuls (Q·Kᵀ and P·V per
-/// KV head, all heads of a group stacked), the past through the codec, merged in one softmax.
+/// KV head, all heads of a group stacked), the past through the codecs, merged in one softmax.
 fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Result<Vec<f32>> {
-    let (t, hd, n_kv, group) = (s.t, s.hd, s.n_kv, s.n_head / s.n_kv);
+    let (t, hd, n_kv, g) = (s.t, s.hd, s.n_kv, s.group());
     let dev = Device::Cpu;
     // q [t, kv, g, d] → [kv, g·t, d]; k, v [t, kv, d] → [kv, t, d]
-    let qt = Tensor::from_slice(q, (t, n_kv, group, hd), &dev)?
+    let qt = Tensor::from_slice(q, (t, n_kv, g, hd), &dev)?
         .permute((1, 2, 0, 3))?
         .contiguous()?
-        .reshape((n_kv, group * t, hd))?;
+        .reshape((n_kv, g * t, hd))?;
     let kt = Tensor::from_slice(k, (t, n_kv, hd), &dev)?
         .transpose(0, 1)?
         .contiguous()?;
@@ -170,62 +251,92 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
         .contiguous()?;
     // rows of `probs` are (kv head, group member, query); columns are chunk keys
     let mut probs = qt.matmul(&kt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut past_out = vec![0f32; n_kv * group * t * hd];
-    let mut rows: Vec<(&mut [f32], &mut [f32])> =
-        probs.chunks_mut(t).zip(past_out.chunks_mut(hd)).collect();
-    // Rows per task: enough to amortize the scratch buffers, many tasks to balance the pool.
-    let per_task = (rows.len() / 64).max(1);
-    par_chunks_mut(&mut rows, per_task, |task, batch| {
-        let (qr, scores) = (&mut vec![0f32; hd], &mut Vec::<f32>::new());
-        for (r, (prow, o)) in batch.iter_mut().enumerate() {
-            let row = task * per_task + r;
-            let (kvh, gi, ti) = (row / (group * t), (row / t) % group, row % t);
-            let h = kvh * group + gi;
-            let lo = s.lo(cache, ti);
-            let past = lo.min(s.pos)..s.pos;
-            let own_lo = lo.max(s.pos) - s.pos;
-            let qv = &q[(ti * s.n_head + h) * hd..][..hd];
-            cache.k.codec.prepare_query(qv, qr);
-            past_scores(cache, qr, kvh, past.clone(), s.scale, scores);
-            let mut max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for x in &mut prow[own_lo..=ti] {
-                *x *= s.scale;
-                max = max.max(*x);
+    let mut past_out = vec![0f32; n_kv * g * t * hd];
+    let n_blocks = t.div_ceil(PREFILL_BLOCK);
+    let (probs_w, past_w) = (SharedMut::new(&mut probs), SharedMut::new(&mut past_out));
+    par_for(n_kv * n_blocks, |task| {
+        let (kvh, b) = (task / n_blocks, task % n_blocks);
+        let tis = b * PREFILL_BLOCK..((b + 1) * PREFILL_BLOCK).min(t);
+        let nb = tis.len();
+        let m = g * nb;
+        // The block's past: from what its first query may see to the chunk start.
+        let lo_first = s.lo(cache, tis.start);
+        let past = lo_first.min(s.pos)..s.pos;
+        let n = past.len();
+        let mut qs = vec![0f32; m * hd];
+        for gi in 0..g {
+            for (bi, ti) in tis.clone().enumerate() {
+                let h = kvh * g + gi;
+                let src = &q[(ti * s.n_head + h) * hd..][..hd];
+                cache
+                    .k
+                    .codec
+                    .prepare_query(src, &mut qs[(gi * nb + bi) * hd..][..hd]);
             }
-            let mut sum = 0f32;
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            for (j, x) in prow.iter_mut().enumerate() {
-                if j < own_lo || j > ti {
-                    *x = 0.0;
-                } else {
+        }
+        let mut w = vec![0f32; m * n];
+        past_scores(&cache.k, hd, kvh, past.clone(), &qs, s.scale, &mut w);
+        for gi in 0..g {
+            for (bi, ti) in tis.clone().enumerate() {
+                let r = gi * nb + bi;
+                let row = (kvh * g + gi) * t + ti;
+                // SAFETY: rows (kvh, gi, ti in this block) belong to this task alone.
+                let prow = unsafe { probs_w.range(row * t..(row + 1) * t) };
+                let lo = s.lo(cache, ti);
+                let own_lo = lo.max(s.pos) - s.pos;
+                let wrow = &mut w[r * n..(r + 1) * n];
+                // Keys older than this query's window are not part of its softmax.
+                let masked = lo.saturating_sub(past.start).min(n);
+                wrow[..masked].fill(f32::NEG_INFINITY);
+                let mut max = wrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for x in &mut prow[own_lo..=ti] {
+                    *x *= s.scale;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in wrow.iter_mut() {
                     *x = (*x - max).exp();
                     sum += *x;
                 }
+                for (j, x) in prow.iter_mut().enumerate() {
+                    if j < own_lo || j > ti {
+                        *x = 0.0;
+                    } else {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                }
+                let inv = 1.0 / sum;
+                for x in prow.iter_mut() {
+                    *x *= inv;
+                }
+                for x in wrow.iter_mut() {
+                    *x *= inv;
+                }
             }
-            let inv = 1.0 / sum;
-            for x in prow.iter_mut() {
-                *x *= inv;
+        }
+        let mut acc = vec![0f32; m * hd];
+        past_values(&cache.v, hd, kvh, past, &w, &mut acc);
+        for gi in 0..g {
+            for (bi, ti) in tis.clone().enumerate() {
+                let o = &mut acc[(gi * nb + bi) * hd..][..hd];
+                cache.v.codec.finish_output(o);
+                let row = (kvh * g + gi) * t + ti;
+                // SAFETY: as for `probs` above.
+                let dst = unsafe { past_w.range(row * hd..(row + 1) * hd) };
+                dst.copy_from_slice(o);
             }
-            o.fill(0.0);
-            for x in scores.iter_mut() {
-                *x *= inv;
-            }
-            past_values(cache, kvh, past, scores, o);
-            cache.v.codec.finish_output(o);
         }
     });
-    let p = Tensor::from_vec(probs, (n_kv, group * t, t), &dev)?;
+    let p = Tensor::from_vec(probs, (n_kv, g * t, t), &dev)?;
     let own = p.matmul(&vt)?.flatten_all()?.to_vec1::<f32>()?;
     // [kv, g, t, d] + past → [t, kv·g, d]
     let mut out = vec![0f32; q.len()];
     for kvh in 0..n_kv {
-        for gi in 0..group {
+        for gi in 0..g {
             for ti in 0..t {
-                let row = (kvh * group + gi) * t + ti;
-                let dst = &mut out[(ti * s.n_head + kvh * group + gi) * hd..][..hd];
+                let row = (kvh * g + gi) * t + ti;
+                let dst = &mut out[(ti * s.n_head + kvh * g + gi) * hd..][..hd];
                 for ((d, a), b) in dst
                     .iter_mut()
                     .zip(&own[row * hd..(row + 1) * hd])

@@ -167,13 +167,13 @@ mod tests {
         assert_eq!((na, nb), (2, 2));
         let mut got = vec![0f32; 4];
         let q = [1f32; 8];
-        s.codec.dot_rows(&q, a, &mut got[..2]);
-        s.codec.dot_rows(&q, b, &mut got[2..]);
+        s.codec.dot_rows(8, &q, a, &mut got[..2]);
+        s.codec.dot_rows(8, &q, b, &mut got[2..]);
         assert_eq!(got, vec![16.0, 24.0, 32.0, 40.0]);
         // an empty range casts like any other run
         let [(e, 0), _] = s.segments(0, 3..3) else {
             panic!()
         };
-        s.codec.dot_rows(&q, e, &mut []);
+        s.codec.dot_rows(8, &q, e, &mut []);
     }
 }

@@ -1,6 +1,6 @@
 //! f32 rows: exact storage, the reference the other codecs are measured against.
 
-use super::{KvCodec, axpy_f32, dot_f32};
+use super::KvCodec;
 
 pub struct F32Codec;
 
@@ -14,11 +14,8 @@ impl KvCodec for F32Codec {
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]) {
         dst.copy_from_slice(bytemuck::cast_slice(src));
     }
-    fn dot(&self, q: &[f32], row: &[u8]) -> f32 {
-        dot_f32(q, bytemuck::cast_slice(row))
-    }
-    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
-        axpy_f32(w, bytemuck::cast_slice(row), acc)
+    fn decode_rows(&self, _head_dim: usize, rows: &[u8], out: &mut [f32]) {
+        out.copy_from_slice(bytemuck::cast_slice(rows));
     }
 }
 

@@ -14,7 +14,10 @@ pub mod wht;
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///
 /// Rotation codecs work in their own domain: [`KvCodec::prepare_query`] maps a query into it once
-/// per head, `dot`/`axpy` stay there, and [`KvCodec::finish_output`] maps the accumulated V back.
+/// per head, rows are decoded into that domain, and [`KvCodec::finish_output`] maps the
+/// accumulated V back. Attention reads rows only through the fused [`KvCodec::dot_rows`] /
+/// [`KvCodec::axpy_rows`], which decode each row once into an L1-sized tile and use it for every
+/// query of a GQA group (or prefill block): the cache is never dequantized as a whole.
 pub trait KvCodec: Send + Sync {
     /// Values per block; a head_dim must be a multiple of it.
     fn block_size(&self) -> usize {
@@ -22,30 +25,73 @@ pub trait KvCodec: Send + Sync {
     }
     fn bytes_per_row(&self, head_dim: usize) -> usize;
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]);
+    /// Back to the original domain (inverse rotation included).
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]);
-    /// `q` already passed through `prepare_query`.
-    fn dot(&self, q: &[f32], row: &[u8]) -> f32;
-    /// `acc += w * row`, in the codec's domain.
-    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]);
-    /// `out[i] = dot(q, row i)` for consecutive rows; codecs override this with their SIMD loop.
-    fn dot_rows(&self, q: &[f32], rows: &[u8], out: &mut [f32]) {
-        let rb = self.bytes_per_row(q.len());
-        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-            *o = self.dot(q, row);
-        }
-    }
-    /// `acc += Σ w[i] · row i` for consecutive rows.
-    fn axpy_rows(&self, w: &[f32], rows: &[u8], acc: &mut [f32]) {
-        let rb = self.bytes_per_row(acc.len());
-        for (&wi, row) in w.iter().zip(rows.chunks_exact(rb)) {
-            self.axpy(wi, row, acc);
+    /// Consecutive rows into `out` [n, head_dim], in the attention domain (rotated, for rotation
+    /// codecs). Codecs override this with their SIMD decoder.
+    fn decode_rows(&self, head_dim: usize, rows: &[u8], out: &mut [f32]) {
+        let rb = self.bytes_per_row(head_dim);
+        for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
+            self.dequantize_row(row, o);
         }
     }
     fn prepare_query(&self, q: &[f32], out: &mut [f32]) {
         out.copy_from_slice(q);
     }
     fn finish_output(&self, _acc: &mut [f32]) {}
+
+    /// `scores[i·n + j] = <qs[i], row j>` for queries `qs` [m, head_dim] (already through
+    /// `prepare_query`) and `n` consecutive rows.
+    fn dot_rows(&self, head_dim: usize, qs: &[f32], rows: &[u8], scores: &mut [f32]) {
+        let rb = self.bytes_per_row(head_dim);
+        let n = rows.len() / rb;
+        let mut tile = vec![0f32; TILE * head_dim];
+        for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
+            let nt = chunk.len() / rb;
+            self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
+            for (i, q) in qs.chunks_exact(head_dim).enumerate() {
+                let out = &mut scores[i * n + t * TILE..][..nt];
+                for (o, k) in out.iter_mut().zip(tile.chunks_exact(head_dim)) {
+                    *o = dot_f32(q, k);
+                }
+            }
+        }
+    }
+
+    /// `acc[i] += Σ_j w[i·n + j] · row j`, in the codec's domain, for `m` accumulators
+    /// `acc` [m, head_dim] and `n` consecutive rows.
+    fn axpy_rows(&self, head_dim: usize, w: &[f32], rows: &[u8], acc: &mut [f32]) {
+        let rb = self.bytes_per_row(head_dim);
+        let n = rows.len() / rb;
+        let mut tile = vec![0f32; TILE * head_dim];
+        for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
+            let nt = chunk.len() / rb;
+            self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
+            for (i, a) in acc.chunks_exact_mut(head_dim).enumerate() {
+                let wi = &w[i * n + t * TILE..][..nt];
+                for (&wj, v) in wi.iter().zip(tile.chunks_exact(head_dim)) {
+                    if wj != 0.0 {
+                        axpy_f32(wj, v, a);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One query, one row: `dot_rows` for a single pair (tests and the codecs report).
+    fn dot(&self, q: &[f32], row: &[u8]) -> f32 {
+        let mut s = [0f32];
+        self.dot_rows(q.len(), q, row, &mut s);
+        s[0]
+    }
+
+    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
+        self.axpy_rows(acc.len(), &[w], row, acc);
+    }
 }
+
+/// Rows decoded per tile in the fused paths: 32 rows of 128 f32 are 16 KiB, inside L1.
+pub const TILE: usize = 32;
 
 /// Plain f32 dot product, written so LLVM vectorizes it (8 independent accumulators).
 #[inline]

@@ -57,39 +57,6 @@ impl KvCodec for Q4_0Codec {
             }
         }
     }
-
-    fn dot(&self, q: &[f32], row: &[u8]) -> f32 {
-        let mut sum = 0f32;
-        for (b, x) in row.chunks_exact(BLOCK).zip(q.chunks_exact(QK)) {
-            let v = values(b);
-            let s: f32 = x.iter().zip(&v).map(|(a, b)| a * b).sum();
-            sum += scale(b) * s;
-        }
-        sum
-    }
-
-    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
-        for (b, a) in row.chunks_exact(BLOCK).zip(acc.chunks_exact_mut(QK)) {
-            let s = w * scale(b);
-            for (o, v) in a.iter_mut().zip(values(b)) {
-                *o += s * v;
-            }
-        }
-    }
-
-    fn dot_rows(&self, q: &[f32], rows: &[u8], out: &mut [f32]) {
-        let rb = self.bytes_per_row(q.len());
-        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-            *o = self.dot(q, row);
-        }
-    }
-
-    fn axpy_rows(&self, w: &[f32], rows: &[u8], acc: &mut [f32]) {
-        let rb = self.bytes_per_row(acc.len());
-        for (&wi, row) in w.iter().zip(rows.chunks_exact(rb)) {
-            self.axpy(wi, row, acc);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -126,41 +126,13 @@ impl<L: TurboLayout> KvCodec for Turbo<L> {
         }
     }
 
-    fn dot(&self, q: &[f32], row: &[u8]) -> f32 {
-        let mut out = [0f32];
-        self.dot_rows(q, row, &mut out);
-        out[0]
-    }
-
-    fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
-        self.axpy_rows(&[w], row, acc);
-    }
-
-    fn dot_rows(&self, q: &[f32], rows: &[u8], out: &mut [f32]) {
-        let g = group_width(q.len());
+    fn decode_rows(&self, head_dim: usize, rows: &[u8], out: &mut [f32]) {
+        let g = group_width(head_dim);
         let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
-        let rb = self.bytes_per_row(q.len());
         let mut codes = [0u8; 128];
-        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-            let mut s = 0f32;
-            for (grp, qg) in row.chunks_exact(gb).zip(q.chunks_exact(g)) {
-                let norm = L::unpack(grp, &mut codes[..g]);
-                s += norm * simd::dot_codes(qg, &codes[..g], &t, L::BITS);
-            }
-            *o = s;
-        }
-    }
-
-    fn axpy_rows(&self, w: &[f32], rows: &[u8], acc: &mut [f32]) {
-        let g = group_width(acc.len());
-        let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
-        let rb = self.bytes_per_row(acc.len());
-        let mut codes = [0u8; 128];
-        for (&wi, row) in w.iter().zip(rows.chunks_exact(rb)) {
-            for (grp, ag) in row.chunks_exact(gb).zip(acc.chunks_exact_mut(g)) {
-                let norm = L::unpack(grp, &mut codes[..g]);
-                simd::axpy_codes(wi * norm, &codes[..g], &t, L::BITS, ag);
-            }
+        for (grp, o) in rows.chunks_exact(gb).zip(out.chunks_exact_mut(g)) {
+            let norm = L::unpack(grp, &mut codes[..g]);
+            simd::lookup(&codes[..g], &t, norm, L::BITS == 4, o);
         }
     }
 }
@@ -185,104 +157,50 @@ pub const UNPACK2: [[u8; 4]; 256] = {
     t
 };
 
-/// Codebook lookups against unpacked indices: AVX2 permutes where the CPU has them.
+/// `out[i] = norm · table[codes[i]]`: AVX2 permutes where the CPU has them.
 mod simd {
-    pub fn dot_codes(q: &[f32], codes: &[u8], table: &[f32; 16], bits: u32) -> f32 {
+    pub fn lookup(codes: &[u8], table: &[f32; 16], norm: f32, wide: bool, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above); lengths are multiples of 8.
-            return unsafe { x86::dot_codes(q, codes, table, bits == 4) };
+        if is_x86_feature_detected!("avx2") && codes.len().is_multiple_of(8) {
+            // SAFETY: AVX2 is present (checked above); lengths are equal multiples of 8.
+            return unsafe { x86::lookup(codes, table, norm, wide, out) };
         }
-        let _ = bits;
-        q.iter()
-            .zip(codes)
-            .map(|(x, &c)| x * table[c as usize])
-            .sum()
-    }
-
-    pub fn axpy_codes(w: f32, codes: &[u8], table: &[f32; 16], bits: u32, acc: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as in `dot_codes`.
-            return unsafe { x86::axpy_codes(w, codes, table, bits == 4, acc) };
+        let _ = wide;
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = norm * table[c as usize];
         }
-        let _ = bits;
-        for (a, &c) in acc.iter_mut().zip(codes) {
-            *a += w * table[c as usize];
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
 
-        /// Eight table entries for eight indices; 16-entry tables blend the upper half in.
-        #[inline(always)]
-        unsafe fn lookup(codes: *const u8, lo: __m256, hi: __m256, wide: bool) -> __m256 {
-            unsafe {
-                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes as *const __m128i));
-                let v = _mm256_permutevar8x32_ps(lo, idx);
-                if wide {
-                    let upper = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
-                    let vh = _mm256_permutevar8x32_ps(hi, idx);
-                    _mm256_blendv_ps(v, vh, _mm256_castsi256_ps(upper))
-                } else {
-                    v
-                }
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dot_codes(q: &[f32], codes: &[u8], table: &[f32; 16], wide: bool) -> f32 {
-            unsafe {
-                let lo = _mm256_loadu_ps(table.as_ptr());
-                let hi = _mm256_loadu_ps(table.as_ptr().add(8));
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let n = q.len().min(codes.len());
-                let mut i = 0;
-                while i + 16 <= n {
-                    let v0 = lookup(codes.as_ptr().add(i), lo, hi, wide);
-                    let v1 = lookup(codes.as_ptr().add(i + 8), lo, hi, wide);
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), v0, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), v1, a1);
-                    i += 16;
-                }
-                while i + 8 <= n {
-                    let v0 = lookup(codes.as_ptr().add(i), lo, hi, wide);
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), v0, a0);
-                    i += 8;
-                }
-                let a = _mm256_add_ps(a0, a1);
-                let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                _mm_cvtss_f32(s)
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn axpy_codes(
-            w: f32,
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn lookup(
             codes: &[u8],
             table: &[f32; 16],
+            norm: f32,
             wide: bool,
-            acc: &mut [f32],
+            out: &mut [f32],
         ) {
+            let n = codes.len().min(out.len());
+            // SAFETY: every load and store covers 8 elements below n.
             unsafe {
-                let lo = _mm256_loadu_ps(table.as_ptr());
-                let hi = _mm256_loadu_ps(table.as_ptr().add(8));
-                let wv = _mm256_set1_ps(w);
-                let n = acc.len().min(codes.len());
+                let lo = _mm256_mul_ps(_mm256_loadu_ps(table.as_ptr()), _mm256_set1_ps(norm));
+                let hi =
+                    _mm256_mul_ps(_mm256_loadu_ps(table.as_ptr().add(8)), _mm256_set1_ps(norm));
+                let seven = _mm256_set1_epi32(7);
                 let mut i = 0;
                 while i + 8 <= n {
-                    let v = lookup(codes.as_ptr().add(i), lo, hi, wide);
-                    let p = acc.as_mut_ptr().add(i);
-                    _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(p)));
+                    let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        codes.as_ptr().add(i) as *const __m128i
+                    ));
+                    let mut v = _mm256_permutevar8x32_ps(lo, idx);
+                    if wide {
+                        let upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+                        v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), upper);
+                    }
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
                     i += 8;
                 }
             }
