@@ -59,7 +59,7 @@ mod tests {
     fn fused_rows_match_row_by_row() {
         let c = F16Codec;
         for d in [64, 128, 256] {
-            let (n, m) = (70, 3);
+            let (n, m) = (70, 5);
             let rb = c.bytes_per_row(d);
             let rows_f: Vec<f32> = (0..n * d)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)

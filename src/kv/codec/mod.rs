@@ -49,12 +49,7 @@ pub trait KvCodec: Send + Sync {
         for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
             let nt = chunk.len() / rb;
             self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
-            for (i, q) in qs.chunks_exact(head_dim).enumerate() {
-                let out = &mut scores[i * n + t * TILE..][..nt];
-                for (o, k) in out.iter_mut().zip(tile.chunks_exact(head_dim)) {
-                    *o = dot_f32(q, k);
-                }
-            }
+            tile_scores(head_dim, qs, &tile[..nt * head_dim], scores, n, t * TILE);
         }
     }
 
@@ -68,12 +63,7 @@ pub trait KvCodec: Send + Sync {
             let nt = chunk.len() / rb;
             self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
             for (i, a) in acc.chunks_exact_mut(head_dim).enumerate() {
-                let wi = &w[i * n + t * TILE..][..nt];
-                for (&wj, v) in wi.iter().zip(tile.chunks_exact(head_dim)) {
-                    if wj != 0.0 {
-                        axpy_f32(wj, v, a);
-                    }
-                }
+                tile_axpy(&w[i * n + t * TILE..][..nt], &tile[..nt * head_dim], a);
             }
         }
     }
@@ -92,6 +82,116 @@ pub trait KvCodec: Send + Sync {
 
 /// Rows decoded per tile in the fused paths: 32 rows of 128 f32 are 16 KiB, inside L1.
 pub const TILE: usize = 32;
+
+/// `scores[i·n + col + j] = <qs[i], tile row j>`: four queries per pass over a row, so each
+/// decoded value is loaded once for four FMAs.
+fn tile_scores(d: usize, qs: &[f32], tile: &[f32], scores: &mut [f32], n: usize, col: usize) {
+    let m = qs.len() / d;
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() && d.is_multiple_of(8) {
+        while i + 4 <= m {
+            for (j, k) in tile.chunks_exact(d).enumerate() {
+                // SAFETY: AVX2+FMA present; four query rows of d values start at i·d.
+                let s4 = unsafe { simd::dot4(&qs[i * d..(i + 4) * d], k) };
+                for (r, v) in s4.into_iter().enumerate() {
+                    scores[(i + r) * n + col + j] = v;
+                }
+            }
+            i += 4;
+        }
+    }
+    for i in i..m {
+        let q = &qs[i * d..(i + 1) * d];
+        for (j, k) in tile.chunks_exact(d).enumerate() {
+            scores[i * n + col + j] = dot_f32(q, k);
+        }
+    }
+}
+
+/// `acc += Σ_j w[j] · tile row j`, with `acc` held in registers across the rows.
+fn tile_axpy(w: &[f32], tile: &[f32], acc: &mut [f32]) {
+    let d = acc.len();
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() && d.is_multiple_of(32) {
+        // SAFETY: AVX2+FMA present; tile holds w.len() rows of d values.
+        unsafe { simd::axpy_tile(w, tile, acc) };
+        return;
+    }
+    for (&wj, v) in w.iter().zip(tile.chunks_exact(d)) {
+        if wj != 0.0 {
+            axpy_f32(wj, v, acc);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Dots of four consecutive query rows `qs` [4, d] with `k` [d]; d a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(qs: &[f32], k: &[f32]) -> [f32; 4] {
+        let d = k.len();
+        let (q, kp) = (qs.as_ptr(), k.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        // SAFETY: c + 8 <= d for every load; qs holds 4·d values.
+        unsafe {
+            while c < d {
+                let kv = _mm256_loadu_ps(kp.add(c));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    *ar = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(r * d + c)), kv, *ar);
+                }
+                c += 8;
+            }
+        }
+        [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])]
+    }
+
+    /// `acc += Σ_j w[j] · rows[j]`, 32 lanes of `acc` in registers at a time; d a multiple of 32.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_tile(w: &[f32], rows: &[f32], acc: &mut [f32]) {
+        let d = acc.len();
+        let (rp, ap) = (rows.as_ptr(), acc.as_mut_ptr());
+        // SAFETY: c + 32 <= d; row j spans j·d..(j+1)·d of rows.
+        unsafe {
+            for c in (0..d).step_by(32) {
+                let mut a = [
+                    _mm256_loadu_ps(ap.add(c)),
+                    _mm256_loadu_ps(ap.add(c + 8)),
+                    _mm256_loadu_ps(ap.add(c + 16)),
+                    _mm256_loadu_ps(ap.add(c + 24)),
+                ];
+                for (j, &wj) in w.iter().enumerate() {
+                    if wj == 0.0 {
+                        continue;
+                    }
+                    let wv = _mm256_set1_ps(wj);
+                    let r = rp.add(j * d + c);
+                    for (l, al) in a.iter_mut().enumerate() {
+                        *al = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(8 * l)), *al);
+                    }
+                }
+                for (l, al) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(c + 8 * l), *al);
+                }
+            }
+        }
+    }
+}
 
 /// Plain f32 dot product, written so LLVM vectorizes it (8 independent accumulators).
 #[inline]
