@@ -33,6 +33,26 @@ enum Command {
     Codecs(CodecsArgs),
     /// Prompt and generation speed, llama-bench's tests and output.
     Bench(BenchArgs),
+    /// Needle in a haystack: recall of a fact placed early in a long context, per cache type.
+    Needle(NeedleArgs),
+}
+
+#[derive(Args)]
+struct NeedleArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Filler prose (e.g. wikitext) the needle is hidden in.
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    /// Context lengths in tokens (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    lengths: Vec<usize>,
+    /// Where the needle sits, as a fraction of the filler.
+    #[arg(long, default_value_t = 0.1)]
+    depth: f64,
+    /// Plain text completion instead of the chat template.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Args)]
@@ -405,6 +425,25 @@ fn main() -> ExitCode {
         }),
         Command::Codecs(a) => codecs(&a),
         Command::Bench(a) => bench(&a),
+        Command::Needle(a) => a.model.engine().and_then(|e| {
+            use dhurandhar::bench::needle::run_one;
+            let filler = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            println!("| cache K/V | context | depth | pass | answer |\n|---|---|---|---|---|");
+            for &n in &a.lengths {
+                let r = run_one(&e, &filler, n, a.depth, a.raw)?;
+                println!(
+                    "| {}/{} | {} | {:.2} | {} | {} |",
+                    a.model.cache_type_k,
+                    a.model.cache_type_v,
+                    r.context_tokens,
+                    r.depth,
+                    if r.pass { "yes" } else { "no" },
+                    r.answer.replace('|', "/").replace('\n', " ")
+                );
+            }
+            Ok(())
+        }),
         Command::Perplexity(a) => a.model.engine().and_then(|e| {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;

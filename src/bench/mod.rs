@@ -2,5 +2,6 @@
 
 pub mod codecs;
 pub mod kld;
+pub mod needle;
 pub mod perplexity;
 pub mod speed;
