@@ -100,6 +100,14 @@ fn tile_scores(d: usize, qs: &[f32], tile: &[f32], scores: &mut [f32], n: usize,
             }
             i += 4;
         }
+        for i in i..m {
+            let q = &qs[i * d..(i + 1) * d];
+            for (j, k) in tile.chunks_exact(d).enumerate() {
+                // SAFETY: AVX2+FMA present; q and k hold d values.
+                scores[i * n + col + j] = unsafe { simd::dot1(q, k) };
+            }
+        }
+        return;
     }
     for i in i..m {
         let q = &qs[i * d..(i + 1) * d];
@@ -159,6 +167,31 @@ mod simd {
             }
         }
         [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])]
+    }
+
+    /// `<q, k>` for d a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot1(q: &[f32], k: &[f32]) -> f32 {
+        let d = k.len();
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        // SAFETY: c + 8 <= d for every load.
+        unsafe {
+            while c + 16 <= d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(c + 8)),
+                    _mm256_loadu_ps(kp.add(c + 8)),
+                    a1,
+                );
+                c += 16;
+            }
+            if c < d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(kp.add(c)), a0);
+            }
+        }
+        hsum(_mm256_add_ps(a0, a1))
     }
 
     /// `acc += Σ_j w[j] · rows[j]`, 32 lanes of `acc` in registers at a time; d a multiple of 32.
