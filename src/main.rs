@@ -94,6 +94,9 @@ struct BenchArgs {
     /// See `run --help`.
     #[arg(long, env = "TURBO_LAYER_ADAPTIVE")]
     kv_layer_policy: Option<String>,
+    /// See `run --help`.
+    #[arg(long)]
+    no_kv_centering: bool,
     /// Threads (one value: the thread pool is sized once per process).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -151,6 +154,10 @@ struct ModelArgs {
     /// Defaults to env TURBO_LAYER_ADAPTIVE.
     #[arg(long, env = "TURBO_LAYER_ADAPTIVE")]
     kv_layer_policy: Option<String>,
+    /// Store turbo rows as they are, without centering on calibrated K/V means (the fork's
+    /// plain TurboQuant).
+    #[arg(long)]
+    no_kv_centering: bool,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -278,6 +285,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         threads,
         repetitions: a.repetitions.max(1),
         kv_layer_policy: a.kv_layer_policy.clone(),
+        kv_centering: !a.no_kv_centering,
     };
     let mut stdout = std::io::stdout();
     match a.output {
@@ -317,6 +325,7 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
                 cache_type_k: CacheType::F32,
                 cache_type_v: CacheType::F32,
                 kv_layer_policy: None,
+                no_kv_centering: true,
                 threads: a.threads,
                 chat_template: None,
                 jinja: false,
@@ -370,6 +379,7 @@ impl ModelArgs {
             cache_v: self.cache_type_v,
             chat_template,
             kv_layer_policy: self.kv_layer_policy.clone(),
+            kv_centering: !self.no_kv_centering,
         })
     }
 }

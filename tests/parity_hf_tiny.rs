@@ -16,6 +16,7 @@ fn engine(arch: &str) -> Engine {
         cache_v: CacheType::F32,
         chat_template: None,
         kv_layer_policy: None,
+        kv_centering: true,
     })
     .unwrap()
 }

@@ -31,6 +31,7 @@ fn engine(path: &Path, n_ctx: usize) -> Engine {
         cache_v: CacheType::F16,
         chat_template: None,
         kv_layer_policy: None,
+        kv_centering: true,
     })
     .unwrap()
 }

@@ -26,6 +26,7 @@ pub struct BenchConfig {
     pub threads: usize,
     pub repetitions: usize,
     pub kv_layer_policy: Option<String>,
+    pub kv_centering: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,6 +82,7 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                     cache_v: tv,
                     chat_template: None,
                     kv_layer_policy: cfg.kv_layer_policy.clone(),
+                    kv_centering: cfg.kv_centering,
                 })?;
                 let mut cache = engine.new_cache(n_ctx)?;
                 let kv_bytes = cache.k_bytes() + cache.v_bytes();

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use crate::chat::ChatTemplate;
+use crate::kv::calibration::{CALIBRATION_TEXT, KvCalibration};
 use crate::kv::{CacheType, KvCache, KvPolicy};
 use crate::model::layers::Source;
 use crate::model::{Logits, Model};
@@ -30,6 +31,9 @@ pub struct EngineConfig {
     pub chat_template: Option<String>,
     /// `--kv-layer-policy`: a fork mode, preset or per-layer list (see `kv::policy`).
     pub kv_layer_policy: Option<String>,
+    /// Center rotation-codec rows on calibrated K/V means (`kv::calibration`); off reproduces
+    /// the fork's plain TurboQuant.
+    pub kv_centering: bool,
 }
 
 pub struct Engine {
@@ -37,6 +41,7 @@ pub struct Engine {
     pub tok: Option<Tok>,
     pub template: Option<ChatTemplate>,
     pub policy: KvPolicy,
+    pub calibration: Option<KvCalibration>,
     pub n_ctx: usize,
 }
 
@@ -104,13 +109,46 @@ impl Engine {
             model.weight_bytes as f64 / 1048576.0,
             t0.elapsed().as_secs_f64() * 1e3
         );
-        Ok(Self {
+        let mut engine = Self {
             model,
             tok,
             template,
             policy,
+            calibration: None,
             n_ctx,
-        })
+        };
+        let uses_rotation = engine
+            .policy
+            .layers
+            .iter()
+            .any(|(k, v)| k.is_turbo() || v.is_turbo());
+        if cfg.kv_centering && uses_rotation {
+            engine.calibration = Some(engine.calibrate()?);
+        }
+        Ok(engine)
+    }
+
+    /// Reads the built-in calibration text with an f32 cache and keeps its K/V means.
+    fn calibrate(&self) -> Result<KvCalibration> {
+        let t0 = Instant::now();
+        let tokens = match &self.tok {
+            Some(t) => t.encode(CALIBRATION_TEXT, true)?,
+            // Models without a tokenizer (test fixtures) read a fixed pseudo-random sequence.
+            None => (0..256u32)
+                .map(|i| i.wrapping_mul(2_654_435_761) % self.model.arch.vocab as u32)
+                .collect(),
+        };
+        let arch = &self.model.arch;
+        let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
+        let mut cache = KvCache::new(arch, &policy, tokens.len(), None)?;
+        self.prefill(&mut cache, &tokens)?;
+        let calib = KvCalibration::from_cache(&cache);
+        eprintln!(
+            "kv calibration: K/V means over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
+            tokens.len(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(calib)
     }
 
     pub fn tokenizer(&self) -> Result<&Tok> {
@@ -121,7 +159,12 @@ impl Engine {
 
     /// A fresh cache for `n_ctx` tokens, with the KV bytes printed like llama.cpp does.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
-        let cache = KvCache::new(&self.model.arch, &self.policy, n_ctx)?;
+        let cache = KvCache::new(
+            &self.model.arch,
+            &self.policy,
+            n_ctx,
+            self.calibration.as_ref(),
+        )?;
         eprintln!("{}", cache.describe());
         Ok(cache)
     }

@@ -91,31 +91,31 @@ impl Shape {
 }
 
 /// `scores` [m, range.len()] of `m` prepared queries `qs` [m, hd] against K rows `range` of
-/// head `kvh`, through the codec, times `scale`.
+/// head `kvh`, through the codec, plus `bias[i]` (the query's dot with the store's mean, when it
+/// centers rows), times `scale`.
+#[allow(clippy::too_many_arguments)]
 fn past_scores(
     k: &RowStore,
     hd: usize,
     kvh: usize,
     range: Range<usize>,
     qs: &[f32],
+    bias: &[f32],
     scale: f32,
     scores: &mut [f32],
 ) {
     let (m, n) = (qs.len() / hd, range.len());
     let mut off = 0;
     let mut seg_scores = Vec::new();
-    for (rows, ns) in k.segments(kvh, range) {
-        if ns == 0 {
-            continue;
-        }
+    for (codec, rows, ns) in k.runs(kvh, range) {
         seg_scores.resize(m * ns, 0.0);
-        k.codec.dot_rows(hd, qs, rows, &mut seg_scores);
+        codec.dot_rows(hd, qs, rows, &mut seg_scores);
         for i in 0..m {
             for (d, s) in scores[i * n + off..][..ns]
                 .iter_mut()
                 .zip(&seg_scores[i * ns..(i + 1) * ns])
             {
-                *d = s * scale;
+                *d = (s + bias[i]) * scale;
             }
         }
         off += ns;
@@ -134,15 +134,12 @@ fn past_values(
     let (m, n) = (acc.len() / hd, range.len());
     let mut off = 0;
     let mut seg_w = Vec::new();
-    for (rows, ns) in v.segments(kvh, range) {
-        if ns == 0 {
-            continue;
-        }
+    for (codec, rows, ns) in v.runs(kvh, range) {
         seg_w.clear();
         for i in 0..m {
             seg_w.extend_from_slice(&w[i * n + off..][..ns]);
         }
-        v.codec.axpy_rows(hd, &seg_w, rows, acc);
+        codec.axpy_rows(hd, &seg_w, rows, acc);
         off += ns;
     }
 }
@@ -176,13 +173,26 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
         let lo = past.start + part * split;
         let range = lo.min(past.end)..(lo + split).min(past.end);
         let mut qs = vec![0f32; g * hd];
+        let mut bias = vec![0f32; g];
+        let mean = cache.k.head_mean(kvh, hd);
         for (gi, qr) in qs.chunks_exact_mut(hd).enumerate() {
             let h = kvh * g + gi;
-            cache.k.codec.prepare_query(&q[h * hd..(h + 1) * hd], qr);
+            let qh = &q[h * hd..(h + 1) * hd];
+            cache.k.codec.prepare_query(qh, qr);
+            bias[gi] = mean.map_or(0.0, |m| dot_f32(qh, m));
         }
         let n = range.len();
         let mut w = vec![0f32; g * n];
-        past_scores(&cache.k, hd, kvh, range.clone(), &qs, s.scale, &mut w);
+        past_scores(
+            &cache.k,
+            hd,
+            kvh,
+            range.clone(),
+            &qs,
+            &bias,
+            s.scale,
+            &mut w,
+        );
         let (mut max, mut sum) = (vec![f32::NEG_INFINITY; g], vec![0f32; g]);
         for gi in 0..g {
             let row = &mut w[gi * n..(gi + 1) * n];
@@ -210,16 +220,20 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
             let o = &mut out[h * hd..(h + 1) * hd];
             let own = dot_f32(&q[h * hd..(h + 1) * hd], k_own) * s.scale;
             let max = parts.iter().map(|p| p.max[gi]).fold(own, f32::max);
-            let mut total = (own - max).exp();
-            let w_own = total;
+            let w_own = (own - max).exp();
+            let mut past = 0f32;
             for p in &parts {
                 if p.sum[gi] > 0.0 {
                     let c = (p.max[gi] - max).exp();
-                    total += c * p.sum[gi];
+                    past += c * p.sum[gi];
                     axpy_f32(c, &p.acc[gi * hd..(gi + 1) * hd], o);
                 }
             }
             cache.v.codec.finish_output(o);
+            if let Some(m) = cache.v.head_mean(kvh, hd) {
+                axpy_f32(past, m, o);
+            }
+            let total = past + w_own;
             let inv = 1.0 / total;
             for x in o.iter_mut() {
                 *x *= inv;
@@ -264,18 +278,20 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
         let past = lo_first.min(s.pos)..s.pos;
         let n = past.len();
         let mut qs = vec![0f32; m * hd];
+        let mut bias = vec![0f32; m];
+        let k_mean = cache.k.head_mean(kvh, hd);
         for gi in 0..g {
             for (bi, ti) in tis.clone().enumerate() {
                 let h = kvh * g + gi;
                 let src = &q[(ti * s.n_head + h) * hd..][..hd];
-                cache
-                    .k
-                    .codec
-                    .prepare_query(src, &mut qs[(gi * nb + bi) * hd..][..hd]);
+                let r = gi * nb + bi;
+                cache.k.codec.prepare_query(src, &mut qs[r * hd..][..hd]);
+                bias[r] = k_mean.map_or(0.0, |mu| dot_f32(src, mu));
             }
         }
         let mut w = vec![0f32; m * n];
-        past_scores(&cache.k, hd, kvh, past.clone(), &qs, s.scale, &mut w);
+        let mut past_weight = vec![0f32; m];
+        past_scores(&cache.k, hd, kvh, past.clone(), &qs, &bias, s.scale, &mut w);
         for gi in 0..g {
             for (bi, ti) in tis.clone().enumerate() {
                 let r = gi * nb + bi;
@@ -313,14 +329,19 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                 for x in wrow.iter_mut() {
                     *x *= inv;
                 }
+                past_weight[r] = wrow.iter().sum();
             }
         }
         let mut acc = vec![0f32; m * hd];
         past_values(&cache.v, hd, kvh, past, &w, &mut acc);
         for gi in 0..g {
             for (bi, ti) in tis.clone().enumerate() {
-                let o = &mut acc[(gi * nb + bi) * hd..][..hd];
+                let r = gi * nb + bi;
+                let o = &mut acc[r * hd..][..hd];
                 cache.v.codec.finish_output(o);
+                if let Some(mu) = cache.v.head_mean(kvh, hd) {
+                    axpy_f32(past_weight[r], mu, o);
+                }
                 let row = (kvh * g + gi) * t + ti;
                 // SAFETY: as for `probs` above.
                 let dst = unsafe { past_w.range(row * hd..(row + 1) * hd) };

@@ -2,6 +2,7 @@
 //! attention computed directly on the stored rows.
 
 pub mod attention;
+pub mod calibration;
 pub mod codec;
 pub mod policy;
 pub mod store;

@@ -2,8 +2,16 @@
 
 use anyhow::{Result, bail};
 
+use super::calibration::KvCalibration;
+use super::codec::f32::F32Codec;
 use super::{CacheType, KvCodec, KvPolicy};
 use crate::model::arch::ModelArchitecture;
+
+/// Positions that rotation-codec stores keep exact (f32, in the codec's domain): the attention
+/// sinks at the start of a sequence, which every later query attends to heavily.
+pub const SINK_ROWS: usize = 4;
+
+static F32_ROWS: F32Codec = F32Codec;
 
 /// One of K or V for one layer: `n_kv_head` rings of `capacity` rows, head-major so a head's
 /// rows are contiguous for the decode scan.
@@ -13,28 +21,80 @@ pub struct RowStore {
     pub row_bytes: usize,
     pub capacity: usize,
     pub n_kv_head: usize,
+    /// Per-head mean subtracted before quantizing (rotation codecs; see `calibration`),
+    /// `n_kv_head × head_dim` values.
+    pub mean: Option<Vec<f32>>,
+    /// Leading positions kept in `sink_rows` instead of the ring ([`SINK_ROWS`] or 0).
+    pub sink: usize,
+    sink_rows: Vec<f32>,
+    head_dim: usize,
     // u64 words keep f32/f16 rows aligned for zero-copy casts.
     data: Vec<u64>,
 }
 
 impl RowStore {
-    fn new(ty: CacheType, n_kv_head: usize, head_dim: usize, capacity: usize) -> Self {
+    fn new(
+        ty: CacheType,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+        mean: Option<Vec<f32>>,
+    ) -> Self {
         let codec = ty.codec();
         let row_bytes = codec.bytes_per_row(head_dim);
         let bytes = n_kv_head * capacity * row_bytes;
+        let sink = if ty.is_turbo() {
+            SINK_ROWS.min(capacity)
+        } else {
+            0
+        };
         Self {
             ty,
             codec,
             row_bytes,
             capacity,
             n_kv_head,
+            mean,
+            sink,
+            sink_rows: vec![0f32; n_kv_head * sink * head_dim],
+            head_dim,
             data: vec![0u64; bytes.div_ceil(8)],
         }
     }
 
-    /// Bytes the rows occupy (the theoretical size; the allocation rounds up to 8 bytes at most).
+    /// Bytes the rows occupy (the theoretical size: ring rows plus exact sink rows; the
+    /// allocation rounds up to 8 bytes at most).
     pub fn bytes(&self) -> usize {
-        self.n_kv_head * self.capacity * self.row_bytes
+        self.n_kv_head * self.capacity * self.row_bytes + 4 * self.sink_rows.len()
+    }
+
+    /// The rows of positions `range` for one head, as runs of consecutive rows with the codec
+    /// that reads them: the exact sink rows first, then at most two ring runs.
+    pub fn runs(
+        &self,
+        head: usize,
+        range: std::ops::Range<usize>,
+    ) -> Vec<(&dyn KvCodec, &[u8], usize)> {
+        let mut out: Vec<(&dyn KvCodec, &[u8], usize)> = Vec::with_capacity(3);
+        let (hd, s) = (self.head_dim, self.sink);
+        let sink_end = range.end.min(s);
+        if range.start < sink_end {
+            let rows = &self.sink_rows[(head * s + range.start) * hd..(head * s + sink_end) * hd];
+            out.push((
+                &F32_ROWS,
+                bytemuck::cast_slice(rows),
+                sink_end - range.start,
+            ));
+        }
+        let rest = range.start.max(s)..range.end;
+        if !rest.is_empty() {
+            for (bytes, n) in self.segments(head, rest) {
+                if n > 0 {
+                    out.push((self.codec.as_ref(), bytes, n));
+                }
+            }
+        }
+        out
     }
 
     /// The rows of positions `range` for one head as at most two contiguous byte runs (a ring
@@ -56,12 +116,44 @@ impl RowStore {
     }
 
     pub fn write(&mut self, head: usize, pos: usize, values: &[f32]) {
+        if pos < self.sink {
+            let hd = self.head_dim;
+            let centered: Vec<f32> = match &self.mean {
+                Some(mean) => values
+                    .iter()
+                    .zip(&mean[head * hd..(head + 1) * hd])
+                    .map(|(v, m)| v - m)
+                    .collect(),
+                None => values.to_vec(),
+            };
+            let dst = &mut self.sink_rows[(head * self.sink + pos) * hd..][..hd];
+            self.codec.prepare_query(&centered, dst);
+            return;
+        }
         let slot = pos % self.capacity;
         let start = (head * self.capacity + slot) * self.row_bytes;
         let rb = self.row_bytes;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.data);
-        self.codec
-            .quantize_row(values, &mut bytes[start..start + rb]);
+        let dst = &mut bytes[start..start + rb];
+        match &self.mean {
+            Some(mean) => {
+                let hd = values.len();
+                let centered: Vec<f32> = values
+                    .iter()
+                    .zip(&mean[head * hd..(head + 1) * hd])
+                    .map(|(v, m)| v - m)
+                    .collect();
+                self.codec.quantize_row(&centered, dst);
+            }
+            None => self.codec.quantize_row(values, dst),
+        }
+    }
+
+    /// Head `head`'s stored mean, if this store centers its rows.
+    pub fn head_mean(&self, head: usize, head_dim: usize) -> Option<&[f32]> {
+        self.mean
+            .as_deref()
+            .map(|m| &m[head * head_dim..(head + 1) * head_dim])
     }
 }
 
@@ -81,7 +173,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(arch: &ModelArchitecture, policy: &KvPolicy, n_ctx: usize) -> Result<Self> {
+    /// Storage for `n_ctx` tokens. With `calib`, rotation-codec stores keep its means and
+    /// center their rows.
+    pub fn new(
+        arch: &ModelArchitecture,
+        policy: &KvPolicy,
+        n_ctx: usize,
+        calib: Option<&KvCalibration>,
+    ) -> Result<Self> {
         if policy.layers.len() != arch.n_layer {
             bail!(
                 "KV policy covers {} layers, model has {}",
@@ -107,9 +206,14 @@ impl KvCache {
             .map(|(il, g)| {
                 let rows = arch.kv_rows(il, n_ctx);
                 let (tk, tv) = policy.layers[il];
+                let mean = |ty: CacheType, means: fn(&KvCalibration) -> &Vec<Vec<f32>>| {
+                    calib
+                        .filter(|_| ty.is_turbo())
+                        .map(|c| means(c)[il].clone())
+                };
                 LayerCache {
-                    k: RowStore::new(tk, g.n_kv_head, g.head_dim, rows),
-                    v: RowStore::new(tv, g.n_kv_head, g.head_dim, rows),
+                    k: RowStore::new(tk, g.n_kv_head, g.head_dim, rows, mean(tk, |c| &c.k_mean)),
+                    v: RowStore::new(tv, g.n_kv_head, g.head_dim, rows, mean(tv, |c| &c.v_mean)),
                     head_dim: g.head_dim,
                     sliding_window: g.sliding_window,
                 }
@@ -158,7 +262,7 @@ mod tests {
 
     #[test]
     fn ring_segments_wrap_and_stay_aligned() {
-        let mut s = RowStore::new(CacheType::F16, 2, 8, 4);
+        let mut s = RowStore::new(CacheType::F16, 2, 8, 4, None);
         for p in 0..6 {
             s.write(1, p, &[p as f32; 8]);
         }
@@ -175,5 +279,41 @@ mod tests {
             panic!()
         };
         s.codec.dot_rows(8, &q, e, &mut []);
+    }
+
+    /// Turbo rows centered on a mean, with the first positions kept exact: scores read through
+    /// `runs` plus the mean's dot equal the exact scores (sinks to rounding, the rest to the
+    /// codec's error, which centering keeps small when rows sit near the mean).
+    #[test]
+    fn centered_turbo_rows_and_sinks_score_like_exact() {
+        let hd = 64;
+        let mean: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).sin() * 3.0).collect();
+        let mut s = RowStore::new(CacheType::Turbo4, 1, hd, 16, Some(mean.clone()));
+        let rows: Vec<Vec<f32>> = (0..12)
+            .map(|p| {
+                (0..hd)
+                    .map(|i| mean[i] + 0.3 * ((p * 7 + i * 3) as f32 * 0.37).cos())
+                    .collect()
+            })
+            .collect();
+        for (p, r) in rows.iter().enumerate() {
+            s.write(0, p, r);
+        }
+        let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.21).cos()).collect();
+        let mut qr = vec![0f32; hd];
+        s.codec.prepare_query(&q, &mut qr);
+        let bias: f32 = q.iter().zip(&mean).map(|(a, b)| a * b).sum();
+        let mut got = Vec::new();
+        for (codec, bytes, n) in s.runs(0, 0..12) {
+            let mut out = vec![0f32; n];
+            codec.dot_rows(hd, &qr, bytes, &mut out);
+            got.extend(out.iter().map(|x| x + bias));
+        }
+        assert_eq!(s.runs(0, 0..12).len(), 2);
+        for (p, (g, r)) in got.iter().zip(&rows).enumerate() {
+            let want: f32 = q.iter().zip(r).map(|(a, b)| a * b).sum();
+            let tol = if p < SINK_ROWS { 1e-3 } else { 0.3 };
+            assert!((g - want).abs() < tol, "position {p}: {g} vs {want}");
+        }
     }
 }
