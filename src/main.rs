@@ -154,8 +154,8 @@ struct ModelArgs {
     /// Defaults to env TURBO_LAYER_ADAPTIVE.
     #[arg(long, env = "TURBO_LAYER_ADAPTIVE")]
     kv_layer_policy: Option<String>,
-    /// Store turbo rows as they are, without centering on calibrated K/V means (the fork's
-    /// plain TurboQuant).
+    /// Plain TurboQuant as the fork stores it: no centering on calibrated K/V means and no
+    /// exact sink rows.
     #[arg(long)]
     no_kv_centering: bool,
     /// Threads (default: all cores).

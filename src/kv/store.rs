@@ -43,7 +43,8 @@ impl RowStore {
         let codec = ty.codec();
         let row_bytes = codec.bytes_per_row(head_dim);
         let bytes = n_kv_head * capacity * row_bytes;
-        let sink = if ty.is_turbo() {
+        // Sinks come with centering: both are off for the fork's plain TurboQuant.
+        let sink = if mean.is_some() {
             SINK_ROWS.min(capacity)
         } else {
             0
