@@ -9,7 +9,11 @@ use dhurandhar::kv::store::SINK_ROWS;
 
 /// Bits per stored value, written out from the block layouts (not from the codecs).
 fn bits_per_value(ty: CacheType, head_dim: usize) -> f64 {
-    let g = if head_dim.is_multiple_of(128) { 128.0 } else { 64.0 };
+    let g = if head_dim.is_multiple_of(128) {
+        128.0
+    } else {
+        64.0
+    };
     match ty {
         CacheType::F32 => 32.0,
         CacheType::F16 | CacheType::Bf16 => 16.0,

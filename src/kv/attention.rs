@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::codec::{axpy_f32, dot_f32};
 use super::store::{LayerCache, RowStore};
-use crate::parallel::{SharedMut, par_for};
+use crate::parallel::{SharedMut, par_chunks_mut, par_for};
 
 /// Causal attention of `t` queries at positions `pos..pos+t`.
 ///
@@ -57,12 +57,20 @@ pub fn attention(
     } else {
         prefill(cache, q, k, v, &shape)?
     };
-    for ti in 0..t {
-        for h in 0..n_kv {
-            let off = (ti * n_kv + h) * hd;
-            cache.k.write(h, pos + ti, &k[off..off + hd]);
-            cache.v.write(h, pos + ti, &v[off..off + hd]);
+    // Quantize-on-append: K and V stores in parallel (a prefill chunk is thousands of rows).
+    let mut stores = [(&mut cache.k, k), (&mut cache.v, v)];
+    let append = |(store, rows): &mut (&mut RowStore, &[f32])| {
+        for ti in 0..t {
+            for h in 0..n_kv {
+                let off = (ti * n_kv + h) * hd;
+                store.write(h, pos + ti, &rows[off..off + hd]);
+            }
         }
+    };
+    if t == 1 {
+        stores.iter_mut().for_each(append);
+    } else {
+        par_chunks_mut(&mut stores, 1, |_, s| append(&mut s[0]));
     }
     Ok(out)
 }

@@ -13,6 +13,9 @@ pub const SINK_ROWS: usize = 4;
 
 static SINK_CODEC: F16Codec = F16Codec;
 
+/// Widest head the stores take (Gemma's global layers use 512).
+pub const MAX_HEAD_DIM: usize = 512;
+
 /// One of K or V for one layer: `n_kv_head` rings of `capacity` rows, head-major so a head's
 /// rows are contiguous for the decode scan.
 pub struct RowStore {
@@ -117,39 +120,36 @@ impl RowStore {
     }
 
     pub fn write(&mut self, head: usize, pos: usize, values: &[f32]) {
-        if pos < self.sink {
-            let hd = self.head_dim;
-            let centered: Vec<f32> = match &self.mean {
-                Some(mean) => values
-                    .iter()
+        let hd = values.len();
+        // Row buffers on the stack: this runs once per head, layer and token.
+        let mut centered = [0f32; MAX_HEAD_DIM];
+        let values = match &self.mean {
+            Some(mean) => {
+                let c = &mut centered[..hd];
+                for ((c, v), m) in c
+                    .iter_mut()
+                    .zip(values)
                     .zip(&mean[head * hd..(head + 1) * hd])
-                    .map(|(v, m)| v - m)
-                    .collect(),
-                None => values.to_vec(),
-            };
-            let mut domain = vec![0f32; hd];
-            self.codec.prepare_query(&centered, &mut domain);
+                {
+                    *c = v - m;
+                }
+                &centered[..hd]
+            }
+            None => values,
+        };
+        if pos < self.sink {
+            let mut domain = [0f32; MAX_HEAD_DIM];
+            self.codec.prepare_query(values, &mut domain[..hd]);
             let dst = &mut self.sink_rows[(head * self.sink + pos) * hd..][..hd];
-            SINK_CODEC.quantize_row(&domain, bytemuck::cast_slice_mut(dst));
+            SINK_CODEC.quantize_row(&domain[..hd], bytemuck::cast_slice_mut(dst));
             return;
         }
         let slot = pos % self.capacity;
         let start = (head * self.capacity + slot) * self.row_bytes;
         let rb = self.row_bytes;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.data);
-        let dst = &mut bytes[start..start + rb];
-        match &self.mean {
-            Some(mean) => {
-                let hd = values.len();
-                let centered: Vec<f32> = values
-                    .iter()
-                    .zip(&mean[head * hd..(head + 1) * hd])
-                    .map(|(v, m)| v - m)
-                    .collect();
-                self.codec.quantize_row(&centered, dst);
-            }
-            None => self.codec.quantize_row(values, dst),
-        }
+        self.codec
+            .quantize_row(values, &mut bytes[start..start + rb]);
     }
 
     /// Head `head`'s stored mean, if this store centers its rows.
@@ -192,6 +192,12 @@ impl KvCache {
             );
         }
         for (il, g) in arch.layers.iter().enumerate() {
+            if g.head_dim > MAX_HEAD_DIM {
+                bail!(
+                    "layer {il} has head_dim {}; the KV cache supports up to {MAX_HEAD_DIM}",
+                    g.head_dim
+                );
+            }
             for ty in [policy.layers[il].0, policy.layers[il].1] {
                 let block = ty.codec().block_size();
                 if !g.head_dim.is_multiple_of(block) {

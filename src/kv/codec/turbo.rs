@@ -22,6 +22,14 @@ pub trait TurboLayout: Send + Sync + 'static {
     fn pack(norm: f16, codes: &[u8], dst: &mut [u8]);
     /// Writes the group's indices to `codes` and returns its norm.
     fn unpack(src: &[u8], codes: &mut [u8]) -> f32;
+    /// One group's values in the rotated domain, `norm · table[idx]`. Layouts with a faster
+    /// path than unpack-then-lookup override this.
+    fn decode(src: &[u8], table: &[f32; 16], out: &mut [f32]) {
+        let mut codes = [0u8; 128];
+        let g = out.len();
+        let norm = Self::unpack(src, &mut codes[..g]);
+        simd::lookup(&codes[..g], table, norm, Self::BITS == 4, out);
+    }
 }
 
 /// Rotation group width for a head: 128 where it divides the head (the fork's group), else 64.
@@ -129,10 +137,8 @@ impl<L: TurboLayout> KvCodec for Turbo<L> {
     fn decode_rows(&self, head_dim: usize, rows: &[u8], out: &mut [f32]) {
         let g = group_width(head_dim);
         let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
-        let mut codes = [0u8; 128];
         for (grp, o) in rows.chunks_exact(gb).zip(out.chunks_exact_mut(g)) {
-            let norm = L::unpack(grp, &mut codes[..g]);
-            simd::lookup(&codes[..g], &t, norm, L::BITS == 4, o);
+            L::decode(grp, &t, o);
         }
     }
 }
@@ -158,7 +164,7 @@ pub const UNPACK2: [[u8; 4]; 256] = {
 };
 
 /// `out[i] = norm · table[codes[i]]`: AVX2 permutes where the CPU has them.
-mod simd {
+pub(crate) mod simd {
     pub fn lookup(codes: &[u8], table: &[f32; 16], norm: f32, wide: bool, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && codes.len().is_multiple_of(8) {

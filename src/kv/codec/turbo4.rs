@@ -29,6 +29,20 @@ impl TurboLayout for Turbo4 {
         }
     }
 
+    fn decode(src: &[u8], table: &[f32; 16], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            let h = header(out.len());
+            // SAFETY: AVX2 is present; the group holds out.len() / 2 index bytes after its header.
+            unsafe { nibbles::decode(&src[h..], table, read_norm(src), out) };
+            return;
+        }
+        let mut codes = [0u8; 128];
+        let g = out.len();
+        let norm = Self::unpack(src, &mut codes[..g]);
+        super::turbo::simd::lookup(&codes[..g], table, norm, true, out);
+    }
+
     fn unpack(src: &[u8], codes: &mut [u8]) -> f32 {
         let h = header(codes.len());
         for (c, &b) in codes.chunks_exact_mut(2).zip(&src[h..]) {
@@ -36,6 +50,45 @@ impl TurboLayout for Turbo4 {
             c[1] = b >> 4;
         }
         read_norm(src)
+    }
+}
+
+/// Straight from packed nibbles to values: four bytes become eight indices in one register.
+#[cfg(target_arch = "x86_64")]
+mod nibbles {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn decode(qs: &[u8], table: &[f32; 16], norm: f32, out: &mut [f32]) {
+        let n = out.len().min(2 * qs.len());
+        // SAFETY: each step reads 4 index bytes and writes 8 values below n.
+        unsafe {
+            let lo = _mm256_mul_ps(_mm256_loadu_ps(table.as_ptr()), _mm256_set1_ps(norm));
+            let hi = _mm256_mul_ps(_mm256_loadu_ps(table.as_ptr().add(8)), _mm256_set1_ps(norm));
+            let shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+            let mask = _mm256_set1_epi32(0xF);
+            let seven = _mm256_set1_epi32(7);
+            let mut i = 0;
+            while i + 8 <= n {
+                let b = _mm_cvtsi32_si128(i32::from_le_bytes([
+                    qs[i / 2],
+                    qs[i / 2 + 1],
+                    qs[i / 2 + 2],
+                    qs[i / 2 + 3],
+                ]));
+                // [b0 b0 b1 b1 b2 b2 b3 b3] → low nibble, high nibble of each byte
+                let dup = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+                let idx = _mm256_and_si256(_mm256_srlv_epi32(dup, shifts), mask);
+                let upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+                let v = _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(lo, idx),
+                    _mm256_permutevar8x32_ps(hi, idx),
+                    upper,
+                );
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+                i += 8;
+            }
+        }
     }
 }
 

@@ -1,0 +1,71 @@
+//! KV codecs on a real model, read the way generation reads them (one token per forward pass):
+//! perplexity and KL divergence against the f16 cache order the types by bits, and each stays
+//! inside a bound well under the TurboQuant fork's own losses on this model (docs/QUALITY.md).
+
+mod common;
+
+use dhurandhar::bench::perplexity::{KlMode, perplexity};
+use dhurandhar::engine::{Engine, EngineConfig};
+use dhurandhar::kv::CacheType;
+
+const CHUNKS: usize = 3;
+
+fn run(ty: CacheType, kl: KlMode) -> (f64, Option<f64>) {
+    let e = Engine::load(&EngineConfig {
+        model: common::smollm2(),
+        n_ctx: 512,
+        cache_k: ty,
+        cache_v: ty,
+        chat_template: None,
+        kv_layer_policy: Some("uniform".into()),
+        kv_centering: true,
+    })
+    .unwrap();
+    let text =
+        std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt")).unwrap();
+    let r = perplexity(
+        &e,
+        &text,
+        512,
+        1,
+        Some(CHUNKS),
+        Some(kl),
+        &mut std::io::sink(),
+    )
+    .unwrap();
+    (r.ppl, r.kl.map(|k| k.mean))
+}
+
+#[test]
+fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
+    let base = std::env::temp_dir().join(format!("dh-kv-codecs-{}.kld", std::process::id()));
+    let (f16, _) = run(CacheType::F16, KlMode::WriteBase(&base));
+    let mut kld = Vec::new();
+    // (type, largest PPL increase allowed): the fork loses 0.2% (q8_0), 11% (turbo4) and 29%
+    // (turbo3) on this model over 40 chunks.
+    for (ty, max_rel) in [
+        (CacheType::Q8_0, 0.01),
+        (CacheType::Turbo4, 0.06),
+        (CacheType::Turbo3, 0.20),
+        (CacheType::Turbo2, 1.0),
+    ] {
+        let (ppl, k) = run(ty, KlMode::Compare(&base));
+        let rel = ppl / f16 - 1.0;
+        let k = k.unwrap();
+        eprintln!(
+            "{ty}: PPL {ppl:.4} ({:+.2}% vs f16 {f16:.4}), mean KLD {k:.5}",
+            100.0 * rel
+        );
+        assert!(
+            rel < max_rel,
+            "{ty}: PPL {ppl} is {:+.2}% over f16",
+            100.0 * rel
+        );
+        kld.push(k);
+    }
+    std::fs::remove_file(&base).unwrap();
+    assert!(
+        kld.windows(2).all(|w| w[0] < w[1]),
+        "KLD should grow as bits shrink: {kld:?}"
+    );
+}
