@@ -112,13 +112,7 @@ pub fn from_model(
                 }
             };
             for h in 0..store.n_kv_head {
-                for (bytes, count) in store.segments(h, lo..n) {
-                    for r in bytes.chunks_exact(store.row_bytes).take(count) {
-                        let mut row = vec![0f32; hd];
-                        store.codec.dequantize_row(r, &mut row);
-                        sets[idx].rows.push(row);
-                    }
-                }
+                store.read_rows(h, lo..n, |row| sets[idx].rows.push(row.to_vec()));
             }
         }
     }

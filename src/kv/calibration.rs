@@ -53,18 +53,14 @@ impl KvCalibration {
                 .map_or(1, |w| n.saturating_sub(w).max(1));
             for (store, out) in [(&layer.k, &mut k_mean), (&layer.v, &mut v_mean)] {
                 let mut mean = vec![0f32; store.n_kv_head * hd];
-                let mut row = vec![0f32; hd];
                 for (h, m) in mean.chunks_exact_mut(hd).enumerate() {
                     let mut count = 0usize;
-                    for (bytes, rows) in store.segments(h, lo.min(n)..n) {
-                        for r in bytes.chunks_exact(store.row_bytes).take(rows) {
-                            store.codec.dequantize_row(r, &mut row);
-                            for (a, b) in m.iter_mut().zip(&row) {
-                                *a += b;
-                            }
-                            count += 1;
+                    store.read_rows(h, lo.min(n)..n, |row| {
+                        for (a, b) in m.iter_mut().zip(row) {
+                            *a += b;
                         }
-                    }
+                        count += 1;
+                    });
                     for a in m.iter_mut() {
                         *a /= count.max(1) as f32;
                     }

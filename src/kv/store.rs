@@ -119,6 +119,38 @@ impl RowStore {
         [(a, first), (b, n - first)]
     }
 
+    /// Reads positions `range` of one head back as values (sinks and ring rows alike, rotation
+    /// undone, mean added back), calling `f` with each row.
+    pub fn read_rows(&self, head: usize, range: std::ops::Range<usize>, mut f: impl FnMut(&[f32])) {
+        let hd = self.head_dim;
+        let mean = self.head_mean(head, hd);
+        let mut emit = |row: &mut [f32]| {
+            if let Some(m) = mean {
+                for (v, m) in row.iter_mut().zip(m) {
+                    *v += m;
+                }
+            }
+            f(row);
+        };
+        let mut row = vec![0f32; hd];
+        for pos in range.start..range.end.min(self.sink) {
+            let stored = &self.sink_rows[(head * self.sink + pos) * hd..][..hd];
+            SINK_CODEC.dequantize_row(bytemuck::cast_slice(stored), &mut row);
+            // sinks hold the codec's domain
+            self.codec.finish_output(&mut row);
+            emit(&mut row);
+        }
+        let rest = range.start.max(self.sink)..range.end;
+        if !rest.is_empty() {
+            for (bytes, n) in self.segments(head, rest) {
+                for r in bytes.chunks_exact(self.row_bytes).take(n) {
+                    self.codec.dequantize_row(r, &mut row);
+                    emit(&mut row);
+                }
+            }
+        }
+    }
+
     pub fn write(&mut self, head: usize, pos: usize, values: &[f32]) {
         let hd = values.len();
         // Row buffers on the stack: this runs once per head, layer and token.
@@ -324,5 +356,20 @@ mod tests {
             let tol = if p < SINK_ROWS { 2e-2 } else { 0.3 };
             assert!((g - want).abs() < tol, "position {p}: {g} vs {want}");
         }
+        // Reading back undoes rotation and centering: sinks to f16 rounding, the rest to the codec.
+        let mut p = 0;
+        s.read_rows(0, 0..12, |got| {
+            let err = got
+                .iter()
+                .zip(&rows[p])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err < if p < SINK_ROWS { 1e-2 } else { 0.2 },
+                "row {p}: max error {err}"
+            );
+            p += 1;
+        });
+        assert_eq!(p, 12);
     }
 }

@@ -43,29 +43,22 @@ pub trait KvCodec: Send + Sync {
     /// `scores[i·n + j] = <qs[i], row j>` for queries `qs` [m, head_dim] (already through
     /// `prepare_query`) and `n` consecutive rows.
     fn dot_rows(&self, head_dim: usize, qs: &[f32], rows: &[u8], scores: &mut [f32]) {
-        let rb = self.bytes_per_row(head_dim);
-        let n = rows.len() / rb;
-        let mut tile = vec![0f32; TILE * head_dim];
-        for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
-            let nt = chunk.len() / rb;
-            self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
-            tile_scores(head_dim, qs, &tile[..nt * head_dim], scores, n, t * TILE);
-        }
+        let n = rows.len() / self.bytes_per_row(head_dim);
+        for_each_tile(self, head_dim, rows, |col, tile| {
+            tile_scores(head_dim, qs, tile, scores, n, col);
+        });
     }
 
     /// `acc[i] += Σ_j w[i·n + j] · row j`, in the codec's domain, for `m` accumulators
     /// `acc` [m, head_dim] and `n` consecutive rows.
     fn axpy_rows(&self, head_dim: usize, w: &[f32], rows: &[u8], acc: &mut [f32]) {
-        let rb = self.bytes_per_row(head_dim);
-        let n = rows.len() / rb;
-        let mut tile = vec![0f32; TILE * head_dim];
-        for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
-            let nt = chunk.len() / rb;
-            self.decode_rows(head_dim, chunk, &mut tile[..nt * head_dim]);
+        let n = rows.len() / self.bytes_per_row(head_dim);
+        for_each_tile(self, head_dim, rows, |col, tile| {
+            let nt = tile.len() / head_dim;
             for (i, a) in acc.chunks_exact_mut(head_dim).enumerate() {
-                tile_axpy(&w[i * n + t * TILE..][..nt], &tile[..nt * head_dim], a);
+                tile_axpy(&w[i * n + col..][..nt], tile, a);
             }
-        }
+        });
     }
 
     /// One query, one row: `dot_rows` for a single pair (tests and the codecs report).
@@ -82,6 +75,23 @@ pub trait KvCodec: Send + Sync {
 
 /// Rows decoded per tile in the fused paths: 32 rows of 128 f32 are 16 KiB, inside L1.
 pub const TILE: usize = 32;
+
+/// Decodes `rows` a tile at a time and hands each tile [nt, head_dim] to `f` with the index of
+/// its first row.
+fn for_each_tile<C: KvCodec + ?Sized>(
+    codec: &C,
+    head_dim: usize,
+    rows: &[u8],
+    mut f: impl FnMut(usize, &[f32]),
+) {
+    let rb = codec.bytes_per_row(head_dim);
+    let mut tile = vec![0f32; TILE * head_dim];
+    for (t, chunk) in rows.chunks(TILE * rb).enumerate() {
+        let tile = &mut tile[..chunk.len() / rb * head_dim];
+        codec.decode_rows(head_dim, chunk, tile);
+        f(t * TILE, tile);
+    }
+}
 
 /// `scores[i·n + col + j] = <qs[i], tile row j>`: four queries per pass over a row, so each
 /// decoded value is loaded once for four FMAs.
