@@ -3,7 +3,6 @@
 
 mod common;
 
-use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
 use dhurandhar::kv::store::SINK_ROWS;
 
@@ -29,16 +28,7 @@ fn bits_per_value(ty: CacheType, head_dim: usize) -> f64 {
 fn check(model: std::path::PathBuf, n_ctx: usize) {
     let mut f16_bytes = 0;
     for &ty in CacheType::ALL {
-        let e = Engine::load(&EngineConfig {
-            model: model.clone(),
-            n_ctx,
-            cache_k: ty,
-            cache_v: ty,
-            chat_template: None,
-            kv_layer_policy: Some("uniform".into()),
-            kv_centering: true,
-        })
-        .unwrap();
+        let e = common::engine(model.clone(), n_ctx, ty);
         let cache = e.new_cache(n_ctx).unwrap();
         let arch = &e.model.arch;
         let mut want = 0f64;

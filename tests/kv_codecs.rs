@@ -5,22 +5,12 @@
 mod common;
 
 use dhurandhar::bench::perplexity::{KlMode, perplexity};
-use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
 
 const CHUNKS: usize = 3;
 
 fn run(ty: CacheType, kl: KlMode) -> (f64, Option<f64>) {
-    let e = Engine::load(&EngineConfig {
-        model: common::smollm2(),
-        n_ctx: 512,
-        cache_k: ty,
-        cache_v: ty,
-        chat_template: None,
-        kv_layer_policy: Some("uniform".into()),
-        kv_centering: true,
-    })
-    .unwrap();
+    let e = common::engine(common::smollm2(), 512, ty);
     let text =
         std::fs::read_to_string(common::shared_dir().join("data/wikitext-2-raw-test.txt")).unwrap();
     let r = perplexity(

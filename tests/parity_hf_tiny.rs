@@ -3,22 +3,13 @@
 mod common;
 
 use candle_core::{DType, Device};
+use dhurandhar::engine::Engine;
 use dhurandhar::engine::sampling::{Sampler, SamplingParams};
-use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
 use dhurandhar::model::Logits;
 
 fn engine(arch: &str) -> Engine {
-    Engine::load(&EngineConfig {
-        model: common::fixture(arch),
-        n_ctx: 128,
-        cache_k: CacheType::F32,
-        cache_v: CacheType::F32,
-        chat_template: None,
-        kv_layer_policy: None,
-        kv_centering: true,
-    })
-    .unwrap()
+    common::engine(common::fixture(arch), 128, CacheType::F32)
 }
 
 fn check(arch: &str) {

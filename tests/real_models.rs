@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use dhurandhar::bench::perplexity::perplexity;
+use dhurandhar::engine::Engine;
 use dhurandhar::engine::sampling::{Sampler, SamplingParams, argmax};
-use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
 use dhurandhar::model::Logits;
 use serde_json::Value;
@@ -24,16 +24,7 @@ fn reference() -> Value {
 }
 
 fn engine(path: &Path, n_ctx: usize) -> Engine {
-    Engine::load(&EngineConfig {
-        model: path.to_path_buf(),
-        n_ctx,
-        cache_k: CacheType::F16,
-        cache_v: CacheType::F16,
-        chat_template: None,
-        kv_layer_policy: None,
-        kv_centering: true,
-    })
-    .unwrap()
+    common::engine(path.to_path_buf(), n_ctx, CacheType::F16)
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use dhurandhar::engine::{Engine, EngineConfig};
+use dhurandhar::kv::CacheType;
+
 /// The project's shared folder (`../shared` beside the checkout, or `$DH_SHARED`).
 pub fn shared_dir() -> PathBuf {
     let candidates = [
@@ -46,4 +49,18 @@ pub fn gemma3_270m() -> PathBuf {
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dh-server"))
+}
+
+/// Loads `model` for `n_ctx` tokens with one cache type for every layer's K and V.
+pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
+    Engine::load(&EngineConfig {
+        model,
+        n_ctx,
+        cache_k: ty,
+        cache_v: ty,
+        chat_template: None,
+        kv_layer_policy: Some("uniform".into()),
+        kv_centering: true,
+    })
+    .unwrap()
 }
