@@ -10,4 +10,5 @@ pub mod engine;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod server;
 pub mod tokenizer;

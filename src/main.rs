@@ -25,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// OpenAI-compatible HTTP server (the default subcommand, like llama-server).
+    Serve(ServeArgs),
     /// One-shot generation (like llama-cli / llama-simple).
     Run(RunArgs),
     /// Perplexity of a text file, as llama-perplexity computes it.
@@ -35,6 +37,40 @@ enum Command {
     Bench(BenchArgs),
     /// Needle in a haystack: recall of a fact placed early in a long context, per cache type.
     Needle(NeedleArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Parallel sequences (slots); -c is divided among them.
+    #[arg(long = "parallel", default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for a free slot; beyond that the server answers 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "LLAMA_API_KEY")]
+    api_key: Option<String>,
+    /// Allow cross-origin requests from any origin.
+    #[arg(long)]
+    cors: bool,
+    /// Largest request body accepted (bytes); larger gets 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Default max_tokens for requests that give none (-1: until the slot's context is full).
+    #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
+    n_predict: i64,
+    /// Model id reported by /v1/models (default: the model's file name).
+    #[arg(short = 'a', long)]
+    alias: Option<String>,
 }
 
 #[derive(Args)]
@@ -362,6 +398,57 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
     Ok(())
 }
 
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+fn serve(a: &ServeArgs) -> Result<()> {
+    use dhurandhar::server::{ServeConfig, serve};
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let engine = a.model.engine()?;
+    let alias = a.alias.clone().unwrap_or_else(|| {
+        let p = a.model.model.as_path();
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        )
+    });
+    let cfg = ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        n_slots: a.parallel,
+        queue: a.queue,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        cors: a.cors,
+        max_body_bytes: a.max_body_bytes,
+        sampling: a.sampling.params(),
+        n_predict: usize::try_from(a.n_predict).ok(),
+        alias,
+        model_path: a.model.model.display().to_string(),
+        chat_template_src: engine.tok.as_ref().and_then(|t| t.chat_template.clone()),
+        cache_k: a.model.cache_type_k.to_string(),
+        cache_v: a.model.cache_type_v.to_string(),
+    };
+    serve(engine, cfg)
+}
+
 impl ModelArgs {
     fn engine(&self) -> Result<Engine> {
         set_threads(self.threads);
@@ -396,14 +483,23 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
 ];
 
 fn main() -> ExitCode {
-    let args = std::env::args().map(|a| {
-        LLAMA_FLAGS
-            .iter()
-            .find(|(short, _)| *short == a)
-            .map_or(a, |(_, long)| long.to_string())
-    });
+    let mut args: Vec<String> = std::env::args()
+        .map(|a| {
+            LLAMA_FLAGS
+                .iter()
+                .find(|(short, _)| *short == a)
+                .map_or(a, |(_, long)| long.to_string())
+        })
+        .collect();
+    // `dh-server -m model.gguf ...` serves, as llama-server does.
+    if args.get(1).is_some_and(|a| {
+        a.starts_with('-') && !matches!(a.as_str(), "-h" | "--help" | "-V" | "--version")
+    }) {
+        args.insert(1, "serve".into());
+    }
     let cli = Cli::parse_from(args);
     let result = match cli.command {
+        Command::Serve(a) => serve(&a),
         Command::Run(a) => a.model.engine().and_then(|e| {
             let s = &a.sampling;
             run(
@@ -414,18 +510,7 @@ fn main() -> ExitCode {
                     chat: a.chat,
                     system: a.system.clone(),
                     n_predict: a.n_predict,
-                    sampling: SamplingParams {
-                        temperature: s.temperature,
-                        top_k: s.top_k,
-                        top_p: s.top_p,
-                        min_p: s.min_p,
-                        repeat_penalty: s.repeat_penalty,
-                        presence_penalty: s.presence_penalty,
-                        frequency_penalty: s.frequency_penalty,
-                        penalty_last_n: s.repeat_last_n,
-                        seed: s.seed,
-                        ignore_eos: s.ignore_eos,
-                    },
+                    sampling: s.params(),
                     stop: a.stop.clone(),
                     print_ids: a.print_ids,
                     verbose_prompt: a.verbose_prompt,

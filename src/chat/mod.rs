@@ -1,4 +1,7 @@
-//! Chat templates: the model's Jinja template (`tokenizer.chat_template`) rendered with minijinja.
+//! Chat templates: the model's Jinja template (`tokenizer.chat_template`) rendered with minijinja,
+//! and the tool-call formats models write (`tools`).
+
+pub mod tools;
 
 use anyhow::{Context, Result};
 use minijinja::{Environment, Error, ErrorKind, context};
@@ -14,6 +17,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template renders `tools` itself; otherwise `tools` writes them into the messages.
+    pub knows_tools: bool,
 }
 
 impl ChatTemplate {
@@ -31,6 +36,7 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
+            knows_tools: tools::template_knows_tools(source),
         })
     }
 
@@ -38,6 +44,20 @@ impl ChatTemplate {
     pub fn render(
         &self,
         messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_json(
+            &serde_json::to_value(messages)?,
+            tools,
+            add_generation_prompt,
+        )
+    }
+
+    /// Renders OpenAI-shaped messages (`tool_calls`, `tool_call_id`, `name` as the request gave them).
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {

@@ -1,8 +1,10 @@
 //! The engine: a loaded model, its tokenizer and chat template, KV caches made to order,
 //! and the generation loop every front-end (CLI, server, bench) drives.
 
+pub mod constraint;
 pub mod run;
 pub mod sampling;
+pub mod scheduler;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -157,16 +159,31 @@ impl Engine {
             .context("this model has no tokenizer: pass token ids (--prompt-ids)")
     }
 
+    /// Tokens of a rendered chat template: BOS added unless the template wrote it already.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        let has_bos = tok
+            .bos
+            .and_then(|b| tok.token_str(b))
+            .is_some_and(|b| text.starts_with(&b));
+        tok.encode(text, !has_bos)
+    }
+
     /// A fresh cache for `n_ctx` tokens, with the KV bytes printed like llama.cpp does.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
-        let cache = KvCache::new(
+        let cache = self.alloc_cache(n_ctx)?;
+        eprintln!("{}", cache.describe());
+        Ok(cache)
+    }
+
+    /// A fresh cache for `n_ctx` tokens, silently.
+    pub fn alloc_cache(&self, n_ctx: usize) -> Result<KvCache> {
+        KvCache::new(
             &self.model.arch,
             &self.policy,
             n_ctx,
             self.calibration.as_ref(),
-        )?;
-        eprintln!("{}", cache.describe());
-        Ok(cache)
+        )
     }
 
     /// Feeds `tokens` in ubatches; returns the logits of the last one.
@@ -247,7 +264,7 @@ impl Engine {
 
     /// Text the last token adds: decode the tail and diff, so multi-byte characters split over
     /// tokens come out whole.
-    fn piece(&self, tok: &Tok, tokens: &[u32]) -> Result<String> {
+    pub(crate) fn piece(&self, tok: &Tok, tokens: &[u32]) -> Result<String> {
         let n = tokens.len();
         let ctx = &tokens[n.saturating_sub(8)..];
         let before = tok.decode(&ctx[..ctx.len() - 1])?;

@@ -31,7 +31,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         (Some(ids), _) => ids.clone(),
         (None, Some(p)) => {
             let tok = engine.tokenizer()?;
-            let text = if opts.chat {
+            if opts.chat {
                 let tmpl = engine
                     .template
                     .as_ref()
@@ -47,17 +47,10 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
                     role: "user".into(),
                     content: p.clone(),
                 });
-                tmpl.render(&msgs, None, true)?
+                engine.encode_rendered(&tmpl.render(&msgs, None, true)?)?
             } else {
-                p.clone()
-            };
-            // A rendered template carries its own BOS.
-            let add_bos = !(opts.chat
-                && tok
-                    .bos
-                    .and_then(|b| tok.token_str(b))
-                    .is_some_and(|b| text.starts_with(&b)));
-            tok.encode(&text, add_bos)?
+                tok.encode(p, true)?
+            }
         }
         (None, None) => bail!("nothing to run: pass -p PROMPT or --prompt-ids 1,2,3"),
     };

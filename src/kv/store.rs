@@ -280,6 +280,21 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// How many stored positions `truncate` may drop and still leave a consistent cache: a
+    /// sliding-window ring that is no larger than its window has already overwritten rows the
+    /// earlier positions need, so it can only be extended or emptied.
+    pub fn max_rewind(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| {
+                let cap = l.k.capacity;
+                let window = l.sliding_window?;
+                (cap < self.n_ctx).then(|| cap.saturating_sub(window))
+            })
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
     /// One line per cache in llama.cpp's style, for the load report.
     pub fn describe(&self) -> String {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
