@@ -80,6 +80,12 @@ impl Engine {
         } else {
             cfg.n_ctx
         };
+        if n_ctx > model.arch.max_context {
+            eprintln!(
+                "warning: -c {n_ctx} exceeds the model's training context ({}); quality past it is not guaranteed",
+                model.arch.max_context
+            );
+        }
         let template_src = cfg
             .chat_template
             .clone()

@@ -107,6 +107,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/props", get(routes::props))
+        .route("/v1/props", get(routes::props))
         .route("/slots", get(routes::slots))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))

@@ -935,6 +935,6 @@ pub async fn detokenize(
     Ok(Json(json!({"content": tok.decode(&req.tokens)?})))
 }
 
-pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no such route").with_code("not_found")
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path())).with_code("not_found")
 }

@@ -64,3 +64,76 @@ pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
     })
     .unwrap()
 }
+
+/// A `dh-server` process on a free port, killed when dropped. Servers started through
+/// [`Server::start`] run one at a time, so tests in one binary don't fight over the 2 cores.
+pub struct Server {
+    child: std::process::Child,
+    pub base: String,
+    pub log: PathBuf,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+static SERVER_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        let turn = SERVER_TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let log = std::env::temp_dir().join(format!("dh-server-test-{port}.log"));
+        let child = std::process::Command::new(bin())
+            .args([
+                "-m",
+                smollm2().to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn dh-server");
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            _turn: turn,
+        };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "server did not start: {}",
+                server.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for server")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
