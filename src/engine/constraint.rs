@@ -118,7 +118,8 @@ impl GrammarCompiler {
     }
 }
 
-/// Single-line JSON with `", "` and `": "` separators, which small models follow most easily.
+/// Single-line JSON with `", "` and `": "` separators, which small models follow most easily,
+/// and objects closed to properties they do not list.
 fn compact(schema: &Value) -> Result<Value> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err(anyhow!(
@@ -126,6 +127,7 @@ fn compact(schema: &Value) -> Result<Value> {
         ));
     }
     let mut schema = schema.clone();
+    close_objects(&mut schema);
     if let Some(obj) = schema.as_object_mut() {
         let opts = JsonCompileOptions {
             item_separator: ", ".into(),
@@ -136,6 +138,22 @@ fn compact(schema: &Value) -> Result<Value> {
         obj.insert("x-guidance".into(), serde_json::to_value(opts)?);
     }
     Ok(schema)
+}
+
+/// Objects that list `properties` but say nothing of `additionalProperties` take no others, as
+/// llama.cpp's grammar converter reads them: a small model given an open object keeps inventing
+/// keys until it runs out of tokens.
+fn close_objects(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            map.values_mut().for_each(close_objects);
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
 }
 
 impl Constraint {
@@ -163,5 +181,29 @@ impl Constraint {
     /// The grammar can take no more tokens: generation ends here.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_without_additional_properties_are_closed() {
+        let mut s = json!({"type": "object", "properties": {"a": {"type": "object", "properties": {}}},
+            "items": [{"properties": {}, "additionalProperties": true}]});
+        close_objects(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["items"][0]["additionalProperties"], true);
+    }
+
+    #[test]
+    fn a_schema_must_be_an_object() {
+        assert!(compact(&json!("a string")).is_err());
+        assert_eq!(
+            compact(&json!({})).unwrap()["x-guidance"]["whitespace_flexible"],
+            false
+        );
     }
 }
