@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-models.sh >/dev/null
+bash scripts/python-env.sh >/dev/null
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release

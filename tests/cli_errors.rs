@@ -128,3 +128,22 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn serving_on_a_port_in_use_says_so() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let model = common::smollm2();
+    run_fails(
+        &["-m", model.to_str().unwrap(), "--port", &port],
+        "cannot listen on",
+    );
+}
+
+#[test]
+fn serve_is_the_default_subcommand() {
+    run_fails(
+        &["-m", "/no/such/model.gguf", "-c", "512"],
+        "model not found",
+    );
+}

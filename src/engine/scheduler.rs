@@ -329,7 +329,16 @@ impl Worker {
                 slot.job = None;
                 continue;
             }
-            match advance(&engine, slot, &self.stats) {
+            // A bug in one request's step must not take the scheduler down with it.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                advance(&engine, slot, &self.stats)
+            }))
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "internal error while generating (see the server log)"
+                ))
+            });
+            match stepped {
                 Ok(None) => {}
                 Ok(Some(summary)) => {
                     if let Some(job) = slot.job.take() {

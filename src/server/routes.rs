@@ -234,6 +234,15 @@ struct Tracker {
     received: Instant,
     first: Option<Instant>,
     slot: usize,
+    finished: bool,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::info!(id = %self.id, slot = self.slot, "request cancelled: the client went away");
+        }
+    }
 }
 
 impl Tracker {
@@ -244,6 +253,7 @@ impl Tracker {
             received: Instant::now(),
             first: None,
             slot: 0,
+            finished: false,
         }
     }
 
@@ -259,6 +269,7 @@ impl Tracker {
                     .observe((now - self.received).as_secs_f64());
             }
             Event::Done(s) => {
+                self.finished = true;
                 let m = &self.state.metrics;
                 m.requests.with_label_values(&["200"]).inc();
                 if s.completion_tokens > 1 {
@@ -525,8 +536,8 @@ pub async fn chat_completions(
         .is_some_and(|o| o.include_usage);
     let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
     let id = random_id("chatcmpl-");
-    let mut tracker = Tracker::new(&state, &id);
     let mut rx = submit(&state, prepared)?;
+    let mut tracker = Tracker::new(&state, &id);
     if stream {
         return Ok(sse(chat_stream(
             rx,
@@ -772,8 +783,8 @@ pub async fn completions(
     let prepared = prepare(&state, &req.params, prompt, None)?;
     let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
     let id = random_id("cmpl-");
-    let mut tracker = Tracker::new(&state, &id);
     let mut rx = submit(&state, prepared)?;
+    let mut tracker = Tracker::new(&state, &id);
     let created = now_secs();
     let chunk = move |text: &str, finish: Option<&str>| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -937,4 +948,11 @@ pub async fn detokenize(
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path())).with_code("not_found")
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
