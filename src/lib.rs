@@ -10,5 +10,6 @@ pub mod engine;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod plan;
 pub mod server;
 pub mod tokenizer;

@@ -10,7 +10,7 @@ use dhurandhar::bench::perplexity::{KlMode, perplexity};
 use dhurandhar::engine::run::{RunOptions, run};
 use dhurandhar::engine::sampling::SamplingParams;
 use dhurandhar::engine::{Engine, EngineConfig};
-use dhurandhar::kv::CacheType;
+use dhurandhar::kv::{CacheType, KvPolicy};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,12 @@ enum Command {
     Codecs(CodecsArgs),
     /// Prompt and generation speed, llama-bench's tests and output.
     Bench(BenchArgs),
+    /// Will a model fit? Memory by component and a verdict per device.
+    Plan(PlanArgs),
+    /// The best KV cache type that fits this machine's memory (what `-ctk auto` uses).
+    Select(SelectArgs),
+    /// How fast per-layer embedding rows come out of a memory-mapped file, cold and warm.
+    MmapProfile(MmapProfileArgs),
     /// Needle in a haystack: recall of a fact placed early in a long context, per cache type.
     Needle(NeedleArgs),
 }
@@ -71,6 +77,76 @@ struct ServeArgs {
     /// Model id reported by /v1/models (default: the model's file name).
     #[arg(short = 'a', long)]
     alias: Option<String>,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A built-in profile (gemma4-e2b, smollm2-135m, ...), a YAML profile, a GGUF file or an HF dir.
+    #[arg(long, short = 'm')]
+    model: String,
+    #[arg(long, short = 'c', default_value_t = 4096)]
+    context_tokens: usize,
+    /// Bits per weight (default: the profile's, or the file's own).
+    #[arg(long)]
+    quant_bits: Option<f64>,
+    #[arg(long = "cache-type-k", default_value = "f16")]
+    cache_type_k: CacheType,
+    #[arg(long = "cache-type-v", default_value = "f16")]
+    cache_type_v: CacheType,
+    /// See `run --help`.
+    #[arg(long)]
+    kv_layer_policy: Option<String>,
+    /// Plan for plain TurboQuant rows (no f16 sink rows).
+    #[arg(long)]
+    no_kv_centering: bool,
+    /// Leave the audio encoder out.
+    #[arg(long)]
+    strip_audio: bool,
+    /// Only this device (a name from configs/devices.yaml, or `host`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SelectArgs {
+    /// Model: GGUF file, HF dir, YAML profile or built-in slug.
+    #[arg(short = 'm', long)]
+    model: String,
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: usize,
+    /// Memory to plan for in MiB instead of what this machine has available.
+    #[arg(long)]
+    memory_mb: Option<f64>,
+    /// Share of memory to leave free.
+    #[arg(long, default_value_t = dhurandhar::plan::select::DEFAULT_HEADROOM)]
+    headroom: f64,
+    /// JSON on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MmapProfileArgs {
+    /// Model whose PLE table shape to use (a profile with per-layer embeddings).
+    #[arg(long, default_value = "gemma4-e2b")]
+    model: String,
+    /// Fraction of the full table's rows to write.
+    #[arg(long, default_value_t = 0.1)]
+    scale: f64,
+    /// Tokens per pass.
+    #[arg(long, default_value_t = 1000)]
+    num_tokens: usize,
+    /// Decode speed to judge each pass against.
+    #[arg(long, default_value_t = 15.0)]
+    target_tps: f64,
+    /// Folder for the table file (on the storage to measure; removed afterwards).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -179,12 +255,12 @@ struct ModelArgs {
     /// Context size in tokens (0: the model's own).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     ctx_size: usize,
-    /// KV cache type for K.
+    /// KV cache type for K, or `auto` (what `select` picks for this machine).
     #[arg(long = "cache-type-k", default_value = "f16")]
-    cache_type_k: CacheType,
-    /// KV cache type for V.
+    cache_type_k: KvType,
+    /// KV cache type for V, or `auto`.
     #[arg(long = "cache-type-v", default_value = "f16")]
-    cache_type_v: CacheType,
+    cache_type_v: KvType,
     /// Per-layer cache types: a TurboQuant fork mode (0,1,2,5,6,7), a preset (uniform,
     /// q8-boundary, q8-last8, boundary-v-turbo4, v-last8, boundary-v) or LAYERS:K/V,...
     /// Defaults to env TURBO_LAYER_ADAPTIVE.
@@ -345,6 +421,92 @@ fn bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn plan(a: &PlanArgs) -> Result<()> {
+    use dhurandhar::plan::memory::{PlanRequest, breakdown};
+    use dhurandhar::plan::{PlanReport, devices, profile, render};
+    let model = profile::resolve(&a.model)?;
+    let b = breakdown(
+        &model,
+        &PlanRequest {
+            context_tokens: a.context_tokens,
+            quant_bits: a.quant_bits,
+            cache_k: a.cache_type_k,
+            cache_v: a.cache_type_v,
+            kv_layer_policy: a.kv_layer_policy.clone(),
+            kv_centering: !a.no_kv_centering,
+            strip_audio: a.strip_audio,
+            ubatch: dhurandhar::engine::UBATCH,
+        },
+    )?;
+    let mut all = devices::builtin()?;
+    all.push(devices::host()?);
+    if let Some(d) = &a.device {
+        all.retain(|x| &x.name == d);
+        anyhow::ensure!(
+            !all.is_empty(),
+            "unknown device `{d}` (see configs/devices.yaml, or `host`)"
+        );
+    }
+    let report = PlanReport {
+        devices: all.iter().map(|d| devices::verdict(d, &b)).collect(),
+        breakdown: b,
+    };
+    print!("{}", render(&report));
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn select_cmd(a: &SelectArgs) -> Result<()> {
+    use dhurandhar::plan::{devices, profile, select};
+    let model = profile::resolve(&a.model)?;
+    let memory = match a.memory_mb {
+        Some(m) => m,
+        None => devices::host()?.app_budget_mb,
+    };
+    let s = select::select(&model, a.ctx_size, memory, a.headroom)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        for line in &s.reasoning {
+            println!("  {line}");
+        }
+        for w in &s.warnings {
+            println!("warning: {w}");
+        }
+        println!("choice: K {} / V {}", s.type_k, s.type_v);
+        println!("flags: {}", s.flags);
+    }
+    Ok(())
+}
+
+fn mmap_profile(a: &MmapProfileArgs) -> Result<()> {
+    use dhurandhar::plan::mmap_profile::{PleShape, profile, table};
+    let model = dhurandhar::plan::profile::resolve(&a.model)?;
+    let ple = model
+        .arch
+        .extras
+        .ple
+        .as_ref()
+        .with_context(|| format!("{} has no per-layer embeddings", model.name))?;
+    anyhow::ensure!(a.scale > 0.0 && a.scale <= 1.0, "--scale must be in (0, 1]");
+    let shape = PleShape {
+        vocab: ((ple.vocab as f64 * a.scale) as usize).max(1),
+        n_layer: model.arch.n_layer,
+        dim: ple.dim,
+        bits: model.weight_bits,
+    };
+    let results = profile(&a.dir, shape, a.num_tokens.max(1), a.target_tps)?;
+    print!("{}", table(&results, a.target_tps));
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn codecs(a: &CodecsArgs) -> Result<()> {
     use dhurandhar::bench::codecs::{from_model, measure, synthetic, table};
     let sets = match &a.from_model {
@@ -358,8 +520,8 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
             let engine = ModelArgs {
                 model: m.clone(),
                 ctx_size: a.tokens,
-                cache_type_k: CacheType::F32,
-                cache_type_v: CacheType::F32,
+                cache_type_k: KvType::Fixed(CacheType::F32),
+                cache_type_v: KvType::Fixed(CacheType::F32),
                 kv_layer_policy: None,
                 no_kv_centering: true,
                 threads: a.threads,
@@ -443,13 +605,67 @@ fn serve(a: &ServeArgs) -> Result<()> {
         alias,
         model_path: a.model.model.display().to_string(),
         chat_template_src: engine.tok.as_ref().and_then(|t| t.chat_template.clone()),
-        cache_k: a.model.cache_type_k.to_string(),
-        cache_v: a.model.cache_type_v.to_string(),
+        cache_k: KvPolicy::summary(engine.policy.layers.iter().map(|l| l.0)),
+        cache_v: KvPolicy::summary(engine.policy.layers.iter().map(|l| l.1)),
     };
     serve(engine, cfg)
 }
 
+/// A `-ctk/-ctv` value: a cache type or `auto`.
+#[derive(Clone, Copy)]
+enum KvType {
+    Auto,
+    Fixed(CacheType),
+}
+
+impl std::str::FromStr for KvType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("auto") {
+            Ok(Self::Auto)
+        } else {
+            s.parse().map(Self::Fixed)
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(t) => t.fmt(f),
+        }
+    }
+}
+
 impl ModelArgs {
+    /// The cache types to load with; `auto` asks `select` about this machine's memory.
+    fn cache_types(&self) -> Result<(CacheType, CacheType)> {
+        use dhurandhar::plan::{devices, profile, select};
+        if let (KvType::Fixed(k), KvType::Fixed(v)) = (self.cache_type_k, self.cache_type_v) {
+            return Ok((k, v));
+        }
+        let model = profile::resolve(&self.model.to_string_lossy())?;
+        let n_ctx = if self.ctx_size == 0 {
+            model.arch.max_context
+        } else {
+            self.ctx_size
+        };
+        let memory = devices::host()?.app_budget_mb;
+        let s = select::select(&model, n_ctx, memory, select::DEFAULT_HEADROOM)?;
+        for line in s.reasoning.iter().chain(&s.warnings) {
+            eprintln!("auto kv: {line}");
+        }
+        let pick = |t: KvType, chosen: CacheType| match t {
+            KvType::Auto => chosen,
+            KvType::Fixed(t) => t,
+        };
+        Ok((
+            pick(self.cache_type_k, s.type_k),
+            pick(self.cache_type_v, s.type_v),
+        ))
+    }
+
     fn engine(&self) -> Result<Engine> {
         set_threads(self.threads);
         let chat_template = match &self.chat_template {
@@ -459,11 +675,12 @@ impl ModelArgs {
             ),
             other => other.clone(),
         };
+        let (cache_k, cache_v) = self.cache_types()?;
         Engine::load(&EngineConfig {
             model: self.model.clone(),
             n_ctx: self.ctx_size,
-            cache_k: self.cache_type_k,
-            cache_v: self.cache_type_v,
+            cache_k,
+            cache_v,
             chat_template,
             kv_layer_policy: self.kv_layer_policy.clone(),
             kv_centering: !self.no_kv_centering,
@@ -519,6 +736,9 @@ fn main() -> ExitCode {
             )
         }),
         Command::Codecs(a) => codecs(&a),
+        Command::Plan(a) => plan(&a),
+        Command::Select(a) => select_cmd(&a),
+        Command::MmapProfile(a) => mmap_profile(&a),
         Command::Bench(a) => bench(&a),
         Command::Needle(a) => a.model.engine().and_then(|e| {
             use dhurandhar::bench::needle::run_one;

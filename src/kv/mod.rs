@@ -22,7 +22,7 @@ pub use store::{KvCache, LayerCache};
 macro_rules! cache_types {
     ($($variant:ident => $name:literal, $codec:expr;)+) => {
         /// A KV cache storage type, as `-ctk` / `-ctv` spell it.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum CacheType {
             $($variant,)+
         }
@@ -61,6 +61,13 @@ impl CacheType {
     /// The TurboQuant family, which the fork's layer-adaptive modes key on.
     pub fn is_turbo(self) -> bool {
         matches!(self, Self::Turbo2 | Self::Turbo3 | Self::Turbo4)
+    }
+}
+
+/// Serialized as `-ctk` spells it.
+impl serde::Serialize for CacheType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 

@@ -16,6 +16,23 @@ static SINK_CODEC: F16Codec = F16Codec;
 /// Widest head the stores take (Gemma's global layers use 512).
 pub const MAX_HEAD_DIM: usize = 512;
 
+/// Bytes one layer's K or V store takes: `rows` rows per KV head in `ty`, plus f16 sink rows
+/// when rows are centered (rotation codecs with calibration). What [`RowStore::bytes`] reports.
+pub fn store_bytes(
+    ty: CacheType,
+    n_kv_head: usize,
+    head_dim: usize,
+    rows: usize,
+    centered: bool,
+) -> usize {
+    let sink = if centered && ty.is_turbo() {
+        SINK_ROWS.min(rows)
+    } else {
+        0
+    };
+    n_kv_head * rows * ty.codec().bytes_per_row(head_dim) + 2 * n_kv_head * sink * head_dim
+}
+
 /// One of K or V for one layer: `n_kv_head` rings of `capacity` rows, head-major so a head's
 /// rows are contiguous for the decode scan.
 pub struct RowStore {

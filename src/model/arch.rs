@@ -54,6 +54,65 @@ pub struct ModelArchitecture {
     /// scale) in the checkpoint dtype; a bf16 HF checkpoint therefore runs with them rounded to bf16.
     pub bf16_buffers: bool,
     pub layers: Vec<LayerGeometry>,
+    /// What only some families have: shared KV, PLE, experts, SSM layers, encoders.
+    pub extras: ArchExtras,
+}
+
+/// Geometry beyond a plain decoder, used by memory planning (and the forward passes that
+/// support it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ArchExtras {
+    /// Layers from this index on compute no K/V of their own and read an earlier layer's
+    /// (Gemma 3n / 4 shared-KV tail): they store nothing.
+    pub kv_shared_from: Option<usize>,
+    /// Per-layer embeddings: a `vocab × (n_layer · dim)` table read per token.
+    pub ple: Option<PleDims>,
+    pub moe: Option<MoeDims>,
+    pub ssm: Option<SsmDims>,
+    /// The KV-shared layers' MLP is twice as wide (Gemma 4).
+    pub double_wide_mlp: bool,
+    /// Vision and audio encoder parameters (multimodal checkpoints).
+    pub vision_params: u64,
+    pub audio_params: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PleDims {
+    pub dim: usize,
+    pub vocab: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeDims {
+    pub experts: usize,
+    pub experts_used: usize,
+    pub expert_intermediate: usize,
+    /// Experts every token goes through besides the routed ones.
+    pub shared_experts: usize,
+}
+
+/// Mamba-2 style layers: no KV cache but a recurrent state per sequence, kept in f32.
+#[derive(Debug, Clone, Serialize)]
+pub struct SsmDims {
+    /// Which layers are SSM layers (they have no attention).
+    pub layers: Vec<usize>,
+    pub d_inner: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub n_heads: usize,
+    pub n_groups: usize,
+}
+
+/// Parameters by where they live in memory.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ParamCounts {
+    /// Everything the decoder reads per token: embeddings, attention, MLP or all experts, norms.
+    pub decoder: u64,
+    /// Of `decoder`, the routed experts a token does not use (resident, not read).
+    pub inactive_experts: u64,
+    pub ple: u64,
+    pub vision: u64,
+    pub audio: u64,
 }
 
 impl ModelArchitecture {
@@ -68,6 +127,77 @@ impl ModelArchitecture {
         match self.layers[il].sliding_window {
             Some(w) => w.min(n_ctx),
             None => n_ctx,
+        }
+    }
+
+    /// Whether layer `il` keeps a KV cache (attention layers outside a shared-KV tail).
+    pub fn stores_kv(&self, il: usize) -> bool {
+        let shared = self.extras.kv_shared_from.is_some_and(|from| il >= from);
+        let ssm = self
+            .extras
+            .ssm
+            .as_ref()
+            .is_some_and(|s| s.layers.contains(&il));
+        !shared && !ssm
+    }
+
+    /// Bytes of recurrent state one sequence needs (SSM layers, f32, not quantizable).
+    pub fn ssm_state_bytes(&self) -> u64 {
+        self.extras.ssm.as_ref().map_or(0, |s| {
+            let conv = (s.d_conv - 1) * (s.d_inner + 2 * s.n_groups * s.d_state);
+            let state = s.d_inner * s.d_state;
+            (s.layers.len() * (conv + state) * 4) as u64
+        })
+    }
+
+    /// Parameters counted from the geometry (gated MLPs, untied heads, all experts resident).
+    pub fn param_counts(&self) -> ParamCounts {
+        let h = self.hidden as u64;
+        let x = &self.extras;
+        let mut decoder = self.vocab as u64 * h * if self.tied_embeddings { 1 } else { 2 } + h;
+        let mut inactive = 0;
+        for (il, l) in self.layers.iter().enumerate() {
+            let q = (l.n_head * l.head_dim) as u64;
+            let kv = (l.n_kv_head * l.head_dim) as u64;
+            let is_ssm = x.ssm.as_ref().is_some_and(|s| s.layers.contains(&il));
+            decoder += 2 * h; // norms
+            if let (true, Some(s)) = (is_ssm, x.ssm.as_ref()) {
+                let (di, ds, g) = (s.d_inner as u64, s.d_state as u64, s.n_groups as u64);
+                let conv_dim = di + 2 * g * ds;
+                decoder += h * (2 * di + 2 * g * ds + s.n_heads as u64)
+                    + conv_dim * s.d_conv as u64
+                    + di * h
+                    + 3 * s.n_heads as u64
+                    + di;
+            } else {
+                let own_kv = if self.stores_kv(il) { 2 * h * kv } else { 0 };
+                decoder += h * q + own_kv + q * h;
+                if self.qkv_bias {
+                    decoder += q + 2 * kv;
+                }
+            }
+            if let Some(m) = &x.moe {
+                let expert = 3 * h * m.expert_intermediate as u64;
+                decoder += h * m.experts as u64 + expert * (m.experts + m.shared_experts) as u64;
+                inactive += expert * (m.experts - m.experts_used) as u64;
+            } else if !is_ssm {
+                let wide = x.double_wide_mlp && !self.stores_kv(il);
+                decoder += 3 * h * self.intermediate as u64 * if wide { 2 } else { 1 };
+            }
+            if let Some(p) = &x.ple {
+                // Per-layer input gate and projection.
+                decoder += 2 * h * p.dim as u64;
+            }
+        }
+        let ple = x.ple.as_ref().map_or(0, |p| {
+            (p.vocab * self.n_layer * p.dim) as u64 + h * (self.n_layer * p.dim) as u64
+        });
+        ParamCounts {
+            decoder,
+            inactive_experts: inactive,
+            ple,
+            vision: x.vision_params,
+            audio: x.audio_params,
         }
     }
 

@@ -218,6 +218,7 @@ impl GgufFile {
             bf16_buffers: false,
             layers,
             name,
+            extras: Default::default(),
         };
         arch.validate()?;
         Ok(arch)

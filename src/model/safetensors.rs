@@ -231,6 +231,7 @@ impl HfDir {
                 .any(|k| c.get(*k).and_then(|v| v.as_str()) == Some("bfloat16")),
             layers,
             name,
+            extras: Default::default(),
         };
         arch.validate()?;
         Ok(arch)
