@@ -102,3 +102,8 @@ fn qwen2_matches_transformers() {
 fn gemma3_matches_transformers() {
     check("gemma3");
 }
+
+#[test]
+fn gemma4_matches_transformers() {
+    check("gemma4");
+}

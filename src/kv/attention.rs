@@ -26,6 +26,23 @@ pub fn attention(
     n_head: usize,
     scale: f32,
 ) -> Result<Vec<f32>> {
+    let out = attend(cache, q, k, v, pos, n_head, scale)?;
+    append(cache, k, v, pos);
+    Ok(out)
+}
+
+/// Attention of queries at `pos..` over the positions before `pos` stored in `cache` and this
+/// chunk's own `k`/`v`, without storing anything: a shared-KV layer reads its source layer's
+/// cache this way, and the source stores its rows once every reader is done.
+pub fn attend(
+    cache: &LayerCache,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos: usize,
+    n_head: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
     let hd = cache.head_dim;
     let n_kv = cache.k.n_kv_head;
     let t = q.len() / (n_head * hd);
@@ -52,14 +69,21 @@ pub fn attention(
         pos,
         scale,
     };
-    let out = if t == 1 {
-        decode(cache, q, k, v, &shape)
+    if t == 1 {
+        Ok(decode(cache, q, k, v, &shape))
     } else {
-        prefill(cache, q, k, v, &shape)?
-    };
-    // Quantize-on-append: K and V stores in parallel (a prefill chunk is thousands of rows).
+        prefill(cache, q, k, v, &shape)
+    }
+}
+
+/// Stores a chunk's K/V rows `k`, `v` [t, n_kv, hd] at positions `pos..`, quantizing them once.
+pub fn append(cache: &mut LayerCache, k: &[f32], v: &[f32], pos: usize) {
+    let hd = cache.head_dim;
+    let n_kv = cache.k.n_kv_head;
+    let t = k.len() / (n_kv * hd);
+    // K and V stores in parallel (a prefill chunk is thousands of rows).
     let mut stores = [(&mut cache.k, k), (&mut cache.v, v)];
-    let append = |(store, rows): &mut (&mut RowStore, &[f32])| {
+    let write = |(store, rows): &mut (&mut RowStore, &[f32])| {
         for ti in 0..t {
             for h in 0..n_kv {
                 let off = (ti * n_kv + h) * hd;
@@ -68,11 +92,10 @@ pub fn attention(
         }
     };
     if t == 1 {
-        stores.iter_mut().for_each(append);
+        stores.iter_mut().for_each(write);
     } else {
-        par_chunks_mut(&mut stores, 1, |_, s| append(&mut s[0]));
+        par_chunks_mut(&mut stores, 1, |_, s| write(&mut s[0]));
     }
-    Ok(out)
 }
 
 struct Shape {

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use anyhow::{Result, bail};
 
-pub use attention::attention;
+pub use attention::{append, attend, attention};
 pub use codec::KvCodec;
 pub use policy::KvPolicy;
 pub use store::{KvCache, LayerCache};

@@ -262,7 +262,12 @@ impl KvCache {
             .iter()
             .enumerate()
             .map(|(il, g)| {
-                let rows = arch.kv_rows(il, n_ctx);
+                // Shared-KV layers read their source layer's store and keep none.
+                let rows = if arch.stores_kv(il) {
+                    arch.kv_rows(il, n_ctx)
+                } else {
+                    0
+                };
                 let (tk, tv) = policy.layers[il];
                 let mean = |ty: CacheType, means: fn(&KvCalibration) -> &Vec<Vec<f32>>| {
                     calib

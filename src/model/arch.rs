@@ -10,6 +10,9 @@ pub enum ArchKind {
     Llama,
     /// gemma3: pre/post norms, qk-norm, sliding/global layers, scaled embeddings, GELU.
     Gemma3,
+    /// gemma4 text: gemma3's block plus per-layer embeddings, v-norm, unscaled scores, a
+    /// shared-KV tail, per-layer head dims and partial RoPE on global layers.
+    Gemma4,
 }
 
 /// How the rotary embedding pairs dimensions.
@@ -30,6 +33,9 @@ pub struct LayerGeometry {
     /// `Some(w)`: the layer attends to the last `w` positions (itself included) and caches only those.
     pub sliding_window: Option<usize>,
     pub rope_theta: f32,
+    /// Share of the head's dimension pairs that rotate (Gemma 4's proportional RoPE rotates the
+    /// first quarter of the pairs of its global layers and leaves the rest); 1.0 elsewhere.
+    pub rope_partial: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,6 +134,16 @@ impl ModelArchitecture {
             Some(w) => w.min(n_ctx),
             None => n_ctx,
         }
+    }
+
+    /// The layer whose cache a shared-KV layer reads: the last layer of the same kind
+    /// (sliding or global) before the shared tail.
+    pub fn kv_source(&self, il: usize) -> Option<usize> {
+        let from = self.extras.kv_shared_from.filter(|&f| il >= f)?;
+        let sliding = self.layers[il].sliding_window.is_some();
+        (0..from)
+            .rev()
+            .find(|&j| self.layers[j].sliding_window.is_some() == sliding)
     }
 
     /// Whether layer `il` keeps a KV cache (attention layers outside a shared-KV tail).

@@ -1,20 +1,33 @@
 //! The self-attention sublayer shared by every forward pass: projections, optional qk-norm,
 //! RoPE, then `kv::attention` on the cache the engine owns.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
-use super::arch::ModelArchitecture;
+use super::arch::{ArchKind, ModelArchitecture};
 use super::layers::{Linear, RmsNorm, Rope, Source};
 use crate::kv::{self, LayerCache};
 
+/// How a layer reaches the KV cache for one chunk.
+pub enum KvAccess<'a> {
+    /// Its own cache: attend, then store the chunk's K/V.
+    Own(&'a mut LayerCache),
+    /// Its own cache, read by shared-KV layers later in the pass: attend and hand the chunk's
+    /// K/V back; the caller stores them once the readers are done.
+    Source(&'a LayerCache, &'a mut Option<(Vec<f32>, Vec<f32>)>),
+    /// Another layer's cache and chunk K/V (a shared-KV layer computes no K/V).
+    Shared(&'a LayerCache, &'a (Vec<f32>, Vec<f32>)),
+}
+
 pub struct SelfAttention {
     q: Linear,
-    k: Linear,
-    v: Linear,
+    /// None in shared-KV layers.
+    k: Option<Linear>,
+    v: Option<Linear>,
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    v_norm: Option<RmsNorm>,
     rope: Rope,
     n_head: usize,
     n_kv_head: usize,
@@ -39,14 +52,29 @@ impl SelfAttention {
                 Ok(None)
             }
         };
+        let own_kv = arch.stores_kv(il);
+        let opt_linear = |n: &str| -> Result<Option<Linear>> {
+            own_kv
+                .then(|| src.linear(&format!("{p}.{n}"), device))
+                .transpose()
+        };
         Ok(Self {
             q: src.linear(&format!("{p}.attn_q"), device)?,
-            k: src.linear(&format!("{p}.attn_k"), device)?,
-            v: src.linear(&format!("{p}.attn_v"), device)?,
+            k: opt_linear("attn_k")?,
+            v: opt_linear("attn_v")?,
             o: src.linear(&format!("{p}.attn_output"), device)?,
             q_norm: norm("attn_q_norm")?,
             k_norm: norm("attn_k_norm")?,
-            rope: Rope::new(g.rope_theta, g.head_dim, arch.rope_style, arch.bf16_buffers),
+            v_norm: (arch.kind == ArchKind::Gemma4)
+                .then(|| RmsNorm::unit(g.head_dim, arch.rms_eps, device))
+                .transpose()?,
+            rope: Rope::new(
+                g.rope_theta,
+                g.head_dim,
+                g.rope_partial,
+                arch.rope_style,
+                arch.bf16_buffers,
+            ),
             n_head: g.n_head,
             n_kv_head: g.n_kv_head,
             head_dim: g.head_dim,
@@ -56,6 +84,11 @@ impl SelfAttention {
 
     /// `x` [t, hidden] at positions `pos..pos+t` → [t, hidden]; appends this chunk's K/V to `cache`.
     pub fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
+        self.forward_kv(x, KvAccess::Own(cache), pos)
+    }
+
+    /// As `forward`, reaching the cache as `kv` says.
+    pub fn forward_kv(&self, x: &Tensor, kv: KvAccess, pos: usize) -> Result<Tensor> {
         let t = x.dim(0)?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Vec<f32>> {
@@ -67,11 +100,31 @@ impl SelfAttention {
             Ok(y.flatten_all()?.to_vec1::<f32>()?)
         };
         let mut q = heads(self.q.forward(x)?, self.n_head, &self.q_norm)?;
-        let mut k = heads(self.k.forward(x)?, self.n_kv_head, &self.k_norm)?;
-        let v = heads(self.v.forward(x)?, self.n_kv_head, &None)?;
         self.rope.apply(&mut q, pos, self.n_head);
-        self.rope.apply(&mut k, pos, self.n_kv_head);
-        let out = kv::attention(cache, &q, &k, &v, pos, self.n_head, self.scale)?;
+        let own_kv = || -> Result<(Vec<f32>, Vec<f32>)> {
+            let (Some(k), Some(v)) = (&self.k, &self.v) else {
+                bail!("a shared-KV layer was asked for its own K/V");
+            };
+            let mut k = heads(k.forward(x)?, self.n_kv_head, &self.k_norm)?;
+            let v = heads(v.forward(x)?, self.n_kv_head, &self.v_norm)?;
+            self.rope.apply(&mut k, pos, self.n_kv_head);
+            Ok((k, v))
+        };
+        let out = match kv {
+            KvAccess::Own(cache) => {
+                let (k, v) = own_kv()?;
+                kv::attention(cache, &q, &k, &v, pos, self.n_head, self.scale)?
+            }
+            KvAccess::Source(cache, stash) => {
+                let (k, v) = own_kv()?;
+                let out = kv::attend(cache, &q, &k, &v, pos, self.n_head, self.scale)?;
+                *stash = Some((k, v));
+                out
+            }
+            KvAccess::Shared(cache, (k, v)) => {
+                kv::attend(cache, &q, k, v, pos, self.n_head, self.scale)?
+            }
+        };
         let out = Tensor::from_vec(out, (t, self.n_head * hd), x.device())?;
         self.o.forward(&out)
     }

@@ -197,6 +197,7 @@ impl GgufFile {
                 head_dim,
                 sliding_window: w,
                 rope_theta: if w.is_some() { swa_theta } else { rope_theta },
+                rope_partial: 1.0,
             })
             .collect();
         let arch = ModelArchitecture {

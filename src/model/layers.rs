@@ -249,6 +249,14 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// A norm without a learned scale (Gemma 4's v-norm).
+    pub fn unit(dim: usize, eps: f64, device: &Device) -> Result<Self> {
+        Ok(Self {
+            w: Tensor::ones(dim, candle_core::DType::F32, device)?,
+            eps: eps as f32,
+        })
+    }
+
     pub fn load(src: &Source, name: &str, eps: f64, device: &Device) -> Result<Self> {
         Ok(Self {
             w: src
@@ -275,9 +283,24 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(theta: f32, head_dim: usize, style: RopeStyle, bf16_freqs: bool) -> Self {
+    /// Frequencies `theta^(-2i/head_dim)` for the first `partial` of the pairs, zero (no
+    /// rotation) for the rest.
+    pub fn new(
+        theta: f32,
+        head_dim: usize,
+        partial: f32,
+        style: RopeStyle,
+        bf16_freqs: bool,
+    ) -> Self {
+        let rotated = (partial * head_dim as f32) as usize / 2;
         let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .map(|i| {
+                if i < rotated {
+                    1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)
+                } else {
+                    0.0
+                }
+            })
             .map(|f| if bf16_freqs { round_bf16(f) } else { f })
             .collect();
         Self { inv_freq, style }

@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod attn;
 pub mod gemma;
+pub mod gemma4;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
@@ -17,13 +18,59 @@ use candle_core::{Device, Tensor};
 
 use crate::kv::KvCache;
 use arch::{ArchKind, ModelArchitecture};
+use attn::KvAccess;
 use gemma::GemmaBlock;
+use gemma4::Gemma4Block;
 use layers::{Embedding, Linear, RmsNorm, Source};
 use llama::LlamaBlock;
 
 enum Block {
     Llama(LlamaBlock),
     Gemma(GemmaBlock),
+    Gemma4(Gemma4Block),
+}
+
+/// Per-layer embeddings (Gemma 4): a token-identity table read row by row from the map, and a
+/// projection of the token embedding, mixed into one `ple_dim` input per layer.
+struct PerLayerInputs {
+    table: Embedding,
+    table_scale: f64,
+    model_proj: Linear,
+    proj_norm: RmsNorm,
+    n_layer: usize,
+    dim: usize,
+}
+
+impl PerLayerInputs {
+    fn load(src: &Source, arch: &ModelArchitecture, device: &Device) -> Result<Option<Self>> {
+        let Some(ple) = &arch.extras.ple else {
+            return Ok(None);
+        };
+        let scale = (ple.dim as f32).sqrt();
+        Ok(Some(Self {
+            table: src.embedding("per_layer_token_embd.weight", device)?,
+            table_scale: if arch.bf16_buffers {
+                layers::round_bf16(scale)
+            } else {
+                scale
+            } as f64,
+            model_proj: src.linear("per_layer_model_proj", device)?,
+            proj_norm: RmsNorm::load(src, "per_layer_proj_norm", arch.rms_eps, device)?,
+            n_layer: arch.n_layer,
+            dim: ple.dim,
+        }))
+    }
+
+    /// `(norm(proj(x) / sqrt(hidden)) + table[ids] * sqrt(dim)) / sqrt(2)` → [t, n_layer, dim]
+    fn inputs(&self, ids: &[u32], x: &Tensor) -> Result<Tensor> {
+        let t = ids.len();
+        let hidden = x.dim(1)? as f64;
+        let shape = (t, self.n_layer, self.dim);
+        let proj = (self.model_proj.forward(x)? * hidden.powf(-0.5))?.reshape(shape)?;
+        let proj = self.proj_norm.forward(&proj)?;
+        let table = (self.table.rows(ids)? * self.table_scale)?.reshape(shape)?;
+        Ok(((proj + table)? * std::f64::consts::FRAC_1_SQRT_2)?)
+    }
 }
 
 pub struct Model {
@@ -33,6 +80,7 @@ pub struct Model {
     embed: Embedding,
     embed_scale: Option<f64>,
     blocks: Vec<Block>,
+    per_layer: Option<PerLayerInputs>,
     norm: RmsNorm,
     head: Linear,
     /// Bytes of weights as stored in the file.
@@ -71,6 +119,9 @@ impl Model {
                 Ok(match arch.kind {
                     ArchKind::Llama => Block::Llama(LlamaBlock::load(&source, &arch, il, device)?),
                     ArchKind::Gemma3 => Block::Gemma(GemmaBlock::load(&source, &arch, il, device)?),
+                    ArchKind::Gemma4 => {
+                        Block::Gemma4(Gemma4Block::load(&source, &arch, il, device)?)
+                    }
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -81,7 +132,8 @@ impl Model {
             source.linear("output", device)?
         };
         let norm = RmsNorm::load(&source, "output_norm", arch.rms_eps, device)?;
-        let embed_scale = (arch.kind == ArchKind::Gemma3).then(|| {
+        let per_layer = PerLayerInputs::load(&source, &arch, device)?;
+        let embed_scale = matches!(arch.kind, ArchKind::Gemma3 | ArchKind::Gemma4).then(|| {
             let s = (arch.hidden as f32).sqrt();
             (if arch.bf16_buffers {
                 layers::round_bf16(s)
@@ -96,6 +148,7 @@ impl Model {
             embed,
             embed_scale,
             blocks,
+            per_layer,
             norm,
             head,
             weight_bytes,
@@ -132,12 +185,44 @@ impl Model {
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
-        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        let ple = match &self.per_layer {
+            Some(p) => Some(p.inputs(tokens, &x)?),
+            None => None,
+        };
+        // Chunk K/V of layers that shared-KV layers read, stored after the whole pass.
+        let mut stash: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; self.blocks.len()];
+        let is_source: Vec<bool> = (0..self.blocks.len())
+            .map(|il| (0..self.blocks.len()).any(|j| self.arch.kv_source(j) == Some(il)))
+            .collect();
+        for (il, block) in self.blocks.iter().enumerate() {
             x = match block {
-                Block::Llama(b) => b.forward(&x, layer, pos),
-                Block::Gemma(b) => b.forward(&x, layer, pos),
+                Block::Llama(b) => b.forward(&x, &mut cache.layers[il], pos),
+                Block::Gemma(b) => b.forward(&x, &mut cache.layers[il], pos),
+                Block::Gemma4(b) => {
+                    let input = match &ple {
+                        Some(p) => Some(p.narrow(1, il, 1)?.squeeze(1)?),
+                        None => None,
+                    };
+                    let (before, after) = stash.split_at_mut(il);
+                    let kv = match self.arch.kv_source(il) {
+                        Some(src) => KvAccess::Shared(
+                            &cache.layers[src],
+                            before[src]
+                                .as_ref()
+                                .context("shared-KV layer before its source")?,
+                        ),
+                        None if is_source[il] => KvAccess::Source(&cache.layers[il], &mut after[0]),
+                        None => KvAccess::Own(&mut cache.layers[il]),
+                    };
+                    b.forward(&x, input.as_ref(), kv, pos)
+                }
             }
             .context("forward pass")?;
+        }
+        for (il, kv) in stash.into_iter().enumerate() {
+            if let Some((k, v)) = kv {
+                crate::kv::append(&mut cache.layers[il], &k, &v, pos);
+            }
         }
         cache.len = pos + tokens.len();
         let first = match which {

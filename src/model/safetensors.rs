@@ -12,7 +12,9 @@ use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::arch::{ArchKind, LayerGeometry, ModelArchitecture, RopeStyle, cfg_usize};
+use super::arch::{
+    ArchExtras, ArchKind, LayerGeometry, ModelArchitecture, PleDims, RopeStyle, cfg_usize,
+};
 
 pub struct HfDir {
     pub dir: PathBuf,
@@ -60,8 +62,9 @@ impl HfDir {
         let kind = match model_type(&config)? {
             "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => ArchKind::Llama,
             "gemma3" | "gemma3_text" => ArchKind::Gemma3,
+            "gemma4_text" => ArchKind::Gemma4,
             other => bail!(
-                "unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, gemma3)"
+                "unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, gemma3, gemma4_text)"
             ),
         };
         Ok(Self {
@@ -125,13 +128,23 @@ impl HfDir {
 
     fn hf_name(&self, gguf_name: &str) -> String {
         let (stem, suffix) = gguf_name.rsplit_once('.').unwrap_or((gguf_name, "weight"));
+        // Gemma 4's per-layer output scale is a bare buffer, not a `.weight`.
+        if let Some(il) = stem
+            .strip_prefix("blk.")
+            .and_then(|s| s.strip_suffix(".layer_output_scale"))
+        {
+            return format!("model.layers.{il}.layer_scalar");
+        }
         let mapped = match stem {
             "token_embd" => "model.embed_tokens".to_string(),
+            "per_layer_token_embd" => "model.embed_tokens_per_layer".to_string(),
+            "per_layer_model_proj" => "model.per_layer_model_projection".to_string(),
+            "per_layer_proj_norm" => "model.per_layer_projection_norm".to_string(),
             "output_norm" => "model.norm".to_string(),
             "output" => "lm_head".to_string(),
             _ => match stem.strip_prefix("blk.").and_then(|s| s.split_once('.')) {
                 Some((il, part)) => {
-                    let gemma = self.kind == ArchKind::Gemma3;
+                    let gemma = matches!(self.kind, ArchKind::Gemma3 | ArchKind::Gemma4);
                     let hf_part = match part {
                         "attn_norm" => "input_layernorm",
                         "ffn_norm" if gemma => "pre_feedforward_layernorm",
@@ -147,6 +160,9 @@ impl HfDir {
                         "ffn_gate" => "mlp.gate_proj",
                         "ffn_up" => "mlp.up_proj",
                         "ffn_down" => "mlp.down_proj",
+                        "inp_gate" => "per_layer_input_gate",
+                        "proj" => "per_layer_projection",
+                        "post_norm" => "post_per_layer_input_norm",
                         other => other,
                     };
                     format!("model.layers.{il}.{hf_part}")
@@ -188,6 +204,15 @@ impl HfDir {
                     .collect()
             })
         });
+        // Gemma 4: per-layer overrides (`per_layer_config` keyed by layer index, or
+        // `global_head_dim` for full-attention layers) and proportional RoPE.
+        let override_of = |il: usize, key: &str| {
+            c.get("per_layer_config")
+                .and_then(|p| p.get(il.to_string()))
+                .and_then(|l| l.get(key))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        };
         let layers = (0..n_layer)
             .map(|il| {
                 let sliding = layer_types
@@ -195,22 +220,53 @@ impl HfDir {
                     .and_then(|t| t.get(il))
                     .is_some_and(|t| t == "sliding_attention");
                 let sliding_window = if sliding { window } else { None };
+                let layer_type = if sliding {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                };
+                let global_dim = (!sliding && self.kind == ArchKind::Gemma4)
+                    .then(|| cfg_usize(c, "global_head_dim").ok())
+                    .flatten();
+                let rope = c.get("rope_parameters").and_then(|r| r.get(layer_type));
+                let proportional = rope
+                    .and_then(|r| r.get("rope_type"))
+                    .and_then(|v| v.as_str())
+                    == Some("proportional");
                 LayerGeometry {
                     n_head,
-                    n_kv_head,
-                    head_dim,
+                    n_kv_head: override_of(il, "num_key_value_heads").unwrap_or(n_kv_head),
+                    head_dim: override_of(il, "head_dim")
+                        .or(global_dim)
+                        .unwrap_or(head_dim),
                     sliding_window,
-                    rope_theta: theta_of(if sliding {
-                        "sliding_attention"
+                    rope_theta: theta_of(layer_type),
+                    rope_partial: if proportional {
+                        rope.and_then(|r| r.get("partial_rotary_factor"))
+                            .and_then(|v| v.as_f64())
+                            .unwrap_or(1.0) as f32
                     } else {
-                        "full_attention"
-                    }),
+                        1.0
+                    },
                 }
             })
             .collect();
         let attn_scale = match f("query_pre_attn_scalar") {
+            // Gemma 4 normalizes q and k and does not scale the scores.
+            _ if self.kind == ArchKind::Gemma4 => 1.0,
             Some(s) => 1.0 / (s as f32).sqrt(),
             None => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let shared = cfg_usize(c, "num_kv_shared_layers").unwrap_or(0);
+        let ple_dim = cfg_usize(c, "hidden_size_per_layer_input").unwrap_or(0);
+        let extras = ArchExtras {
+            kv_shared_from: (shared > 0).then(|| n_layer.saturating_sub(shared)),
+            ple: (ple_dim > 0).then(|| PleDims {
+                dim: ple_dim,
+                vocab: cfg_usize(c, "vocab_size_per_layer_input").unwrap_or(0),
+            }),
+            double_wide_mlp: c.get("use_double_wide_mlp").and_then(|v| v.as_bool()) == Some(true),
+            ..ArchExtras::default()
         };
         let arch = ModelArchitecture {
             kind: self.kind,
@@ -231,7 +287,7 @@ impl HfDir {
                 .any(|k| c.get(*k).and_then(|v| v.as_str()) == Some("bfloat16")),
             layers,
             name,
-            extras: Default::default(),
+            extras,
         };
         arch.validate()?;
         Ok(arch)

@@ -166,6 +166,7 @@ impl ProfileFile {
                     },
                     sliding_window: if global { None } else { self.sliding_window },
                     rope_theta: 10_000.0,
+                    rope_partial: 1.0,
                 }
             })
             .collect();
