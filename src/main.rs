@@ -209,6 +209,9 @@ struct BenchArgs {
     /// See `run --help`.
     #[arg(long)]
     no_kv_centering: bool,
+    /// See `run --help`.
+    #[arg(long, value_enum, default_value = "mmap")]
+    ple: PleMode,
     /// Threads (one value: the thread pool is sized once per process).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -270,6 +273,9 @@ struct ModelArgs {
     /// exact sink rows.
     #[arg(long)]
     no_kv_centering: bool,
+    /// Per-layer embeddings (Gemma 4): read rows from the mapped file, or copy the table into memory.
+    #[arg(long, value_enum, default_value = "mmap")]
+    ple: PleMode,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -398,6 +404,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         repetitions: a.repetitions.max(1),
         kv_layer_policy: a.kv_layer_policy.clone(),
         kv_centering: !a.no_kv_centering,
+        ple_resident: a.ple == PleMode::Resident,
     };
     let mut stdout = std::io::stdout();
     match a.output {
@@ -524,6 +531,7 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
                 cache_type_v: KvType::Fixed(CacheType::F32),
                 kv_layer_policy: None,
                 no_kv_centering: true,
+                ple: PleMode::Mmap,
                 threads: a.threads,
                 chat_template: None,
                 jinja: false,
@@ -611,6 +619,12 @@ fn serve(a: &ServeArgs) -> Result<()> {
     serve(engine, cfg)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PleMode {
+    Mmap,
+    Resident,
+}
+
 /// A `-ctk/-ctv` value: a cache type or `auto`.
 #[derive(Clone, Copy)]
 enum KvType {
@@ -684,6 +698,7 @@ impl ModelArgs {
             chat_template,
             kv_layer_policy: self.kv_layer_policy.clone(),
             kv_centering: !self.no_kv_centering,
+            ple_resident: self.ple == PleMode::Resident,
         })
     }
 }

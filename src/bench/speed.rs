@@ -27,6 +27,7 @@ pub struct BenchConfig {
     pub repetitions: usize,
     pub kv_layer_policy: Option<String>,
     pub kv_centering: bool,
+    pub ple_resident: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,6 +84,7 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                     chat_template: None,
                     kv_layer_policy: cfg.kv_layer_policy.clone(),
                     kv_centering: cfg.kv_centering,
+                    ple_resident: cfg.ple_resident,
                 })?;
                 let mut cache = engine.new_cache(n_ctx)?;
                 let kv_bytes = cache.k_bytes() + cache.v_bytes();

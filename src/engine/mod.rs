@@ -36,6 +36,8 @@ pub struct EngineConfig {
     /// Center rotation-codec rows on calibrated K/V means (`kv::calibration`); off reproduces
     /// the fork's plain TurboQuant.
     pub kv_centering: bool,
+    /// Copy the per-layer embedding table into memory instead of reading it from the map.
+    pub ple_resident: bool,
 }
 
 pub struct Engine {
@@ -66,7 +68,7 @@ pub struct Generation {
 impl Engine {
     pub fn load(cfg: &EngineConfig) -> Result<Self> {
         let t0 = Instant::now();
-        let model = Model::load(&cfg.model, &Device::Cpu)
+        let model = Model::load(&cfg.model, &Device::Cpu, cfg.ple_resident)
             .with_context(|| format!("loading {}", cfg.model.display()))?;
         let tok = match model.source.as_ref() {
             Source::Gguf(g) => Some(Tok::from_gguf(g)?),
@@ -117,6 +119,17 @@ impl Engine {
             model.weight_bytes as f64 / 1048576.0,
             t0.elapsed().as_secs_f64() * 1e3
         );
+        if let Some((bytes, resident)) = model.ple_table() {
+            eprintln!(
+                "ple: per-layer embedding table {:.2} MiB {}",
+                bytes as f64 / 1048576.0,
+                if resident {
+                    "copied into memory (--ple resident)"
+                } else {
+                    "mapped from the file, not resident: rows are read per token"
+                }
+            );
+        }
         let mut engine = Self {
             model,
             tok,

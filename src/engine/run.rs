@@ -112,5 +112,13 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
             0.0
         },
     );
+    if let Some((present, total)) = engine.model.ple_resident_bytes() {
+        eprintln!(
+            "ple: {:.2} MiB of the {:.2} MiB table resident in this process ({:.2}%)",
+            present as f64 / 1048576.0,
+            total as f64 / 1048576.0,
+            100.0 * present as f64 / total.max(1) as f64
+        );
+    }
     Ok(())
 }

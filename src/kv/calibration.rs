@@ -53,6 +53,11 @@ impl KvCalibration {
                 .map_or(1, |w| n.saturating_sub(w).max(1));
             for (store, out) in [(&layer.k, &mut k_mean), (&layer.v, &mut v_mean)] {
                 let mut mean = vec![0f32; store.n_kv_head * hd];
+                // Shared-KV layers store nothing: their mean stays zero and unused.
+                if store.capacity == 0 {
+                    out.push(mean);
+                    continue;
+                }
                 for (h, m) in mean.chunks_exact_mut(hd).enumerate() {
                     let mut count = 0usize;
                     store.read_rows(h, lo.min(n)..n, |row| {

@@ -42,13 +42,25 @@ struct PerLayerInputs {
 }
 
 impl PerLayerInputs {
-    fn load(src: &Source, arch: &ModelArchitecture, device: &Device) -> Result<Option<Self>> {
+    fn load(
+        src: &Source,
+        arch: &ModelArchitecture,
+        device: &Device,
+        resident: bool,
+    ) -> Result<Option<Self>> {
         let Some(ple) = &arch.extras.ple else {
             return Ok(None);
         };
         let scale = (ple.dim as f32).sqrt();
+        let table = src.embedding("per_layer_token_embd.weight", device)?;
+        let table = if resident {
+            table.into_resident()
+        } else {
+            table.advise_random();
+            table
+        };
         Ok(Some(Self {
-            table: src.embedding("per_layer_token_embd.weight", device)?,
+            table,
             table_scale: if arch.bf16_buffers {
                 layers::round_bf16(scale)
             } else {
@@ -97,8 +109,29 @@ pub enum Logits {
 }
 
 impl Model {
+    /// Bytes of the per-layer embedding table present in memory now, and its size.
+    pub fn ple_resident_bytes(&self) -> Option<(usize, usize)> {
+        self.per_layer.as_ref()?.table.resident_bytes()
+    }
+
+    /// Bytes of the per-layer embedding table, and whether they were copied into memory.
+    pub fn ple_table(&self) -> Option<(usize, bool)> {
+        self.per_layer.as_ref().map(|p| {
+            let resident = matches!(
+                p.table,
+                Embedding::Rows {
+                    bytes: layers::RowBytes::Owned(_),
+                    ..
+                }
+            );
+            (p.table.table_bytes(), resident)
+        })
+    }
+
     /// Opens a GGUF file or an HF directory (config.json + *.safetensors).
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+    /// With `ple_resident` the per-layer embedding table is copied into memory; otherwise its
+    /// rows are read from the mapped file as tokens need them.
+    pub fn load(path: &Path, device: &Device, ple_resident: bool) -> Result<Self> {
         let (source, arch) = if path.is_dir() {
             let hf = safetensors::HfDir::open(path)?;
             let arch = hf.architecture_geometry()?;
@@ -132,7 +165,7 @@ impl Model {
             source.linear("output", device)?
         };
         let norm = RmsNorm::load(&source, "output_norm", arch.rms_eps, device)?;
-        let per_layer = PerLayerInputs::load(&source, &arch, device)?;
+        let per_layer = PerLayerInputs::load(&source, &arch, device, ple_resident)?;
         let embed_scale = matches!(arch.kind, ArchKind::Gemma3 | ArchKind::Gemma4).then(|| {
             let s = (arch.hidden as f32).sqrt();
             (if arch.bf16_buffers {

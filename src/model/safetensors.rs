@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
@@ -15,11 +16,12 @@ use safetensors::{Dtype, SafeTensors};
 use super::arch::{
     ArchExtras, ArchKind, LayerGeometry, ModelArchitecture, PleDims, RopeStyle, cfg_usize,
 };
+use super::layers::{Embedding, RowBytes, RowFormat};
 
 pub struct HfDir {
     pub dir: PathBuf,
     pub config: serde_json::Value,
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     /// tensor name → index into `maps`
     index: HashMap<String, usize>,
     kind: ArchKind,
@@ -57,7 +59,7 @@ impl HfDir {
             for name in st.names() {
                 index.insert(name.to_string(), i);
             }
-            maps.push(mmap);
+            maps.push(Arc::new(mmap));
         }
         let kind = match model_type(&config)? {
             "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => ArchKind::Llama,
@@ -124,6 +126,36 @@ impl HfDir {
             t = (t + 1.0)?;
         }
         Ok(t)
+    }
+
+    /// A 2-D table whose rows are read from the map on demand (f32, f16 or bf16).
+    pub fn embedding(&self, gguf_name: &str, device: &Device) -> Result<Embedding> {
+        let hf = self.hf_name(gguf_name);
+        let i = *self
+            .index
+            .get(&hf)
+            .with_context(|| format!("missing tensor `{hf}` in {}", self.dir.display()))?;
+        let map = &self.maps[i];
+        let st = SafeTensors::deserialize(map)?;
+        let view = st.tensor(&hf)?;
+        let &[rows, cols] = view.shape() else {
+            bail!("`{hf}` is not a matrix");
+        };
+        let format = match view.dtype() {
+            Dtype::F32 => RowFormat::F32,
+            Dtype::F16 => RowFormat::F16,
+            Dtype::BF16 => RowFormat::Bf16,
+            other => bail!("tensor `{hf}`: unsupported dtype {other:?} (f32, f16, bf16)"),
+        };
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        Ok(Embedding::Rows {
+            bytes: RowBytes::Map(map.clone()),
+            offset,
+            rows,
+            cols,
+            format,
+            device: device.clone(),
+        })
     }
 
     fn hf_name(&self, gguf_name: &str) -> String {

@@ -61,6 +61,7 @@ pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
         chat_template: None,
         kv_layer_policy: Some("uniform".into()),
         kv_centering: true,
+        ple_resident: false,
     })
     .unwrap()
 }
