@@ -215,6 +215,9 @@ struct BenchArgs {
     /// Threads (one value: the thread pool is sized once per process).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Accepted for llama-bench compatibility: attention always runs fused here (fa = 1).
+    #[arg(long = "flash-attn")]
+    flash_attn: Option<String>,
     /// Repetitions per test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,

@@ -165,14 +165,15 @@ pub enum Format {
 }
 
 pub fn md_header() -> String {
-    "| model | size | params | backend | threads | type_k | type_v | test | t/s | KV MiB |\n\
-     | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: |\n"
+    // `fa` is always 1: attention here always runs fused over the (compressed) cache.
+    "| model | size | params | backend | threads | type_k | type_v | fa | test | t/s | KV MiB |\n\
+     | --- | ---: | ---: | --- | ---: | --- | --- | -: | ---: | ---: | ---: |\n"
         .to_string()
 }
 
 pub fn md_row(r: &BenchResult) -> String {
     format!(
-        "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {:.2} |\n",
+        "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {} | 1 | {} | {:.2} ± {:.2} | {:.2} |\n",
         r.model_type,
         r.model_size as f64 / 1048576.0,
         r.model_n_params as f64 / 1e6,
