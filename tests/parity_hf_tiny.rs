@@ -107,3 +107,8 @@ fn gemma3_matches_transformers() {
 fn gemma4_matches_transformers() {
     check("gemma4");
 }
+
+#[test]
+fn gemma3n_matches_transformers() {
+    check("gemma3n");
+}

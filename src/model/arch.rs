@@ -13,6 +13,8 @@ pub enum ArchKind {
     /// gemma4 text: gemma3's block plus per-layer embeddings, v-norm, unscaled scores, a
     /// shared-KV tail, per-layer head dims and partial RoPE on global layers.
     Gemma4,
+    /// gemma3n text: AltUp streams, LAuReL, activation sparsity, per-layer embeddings, shared KV.
+    Gemma3n,
 }
 
 /// How the rotary embedding pairs dimensions.
@@ -80,6 +82,10 @@ pub struct ArchExtras {
     /// Vision and audio encoder parameters (multimodal checkpoints).
     pub vision_params: u64,
     pub audio_params: u64,
+    /// Gemma 3n AltUp streams (0: none).
+    pub altup_streams: usize,
+    /// Gemma 3n: target sparsity of each layer's MLP gate (0: dense).
+    pub activation_sparsity: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -65,7 +65,7 @@ impl SelfAttention {
             o: src.linear(&format!("{p}.attn_output"), device)?,
             q_norm: norm("attn_q_norm")?,
             k_norm: norm("attn_k_norm")?,
-            v_norm: (arch.kind == ArchKind::Gemma4)
+            v_norm: matches!(arch.kind, ArchKind::Gemma4 | ArchKind::Gemma3n)
                 .then(|| RmsNorm::unit(g.head_dim, arch.rms_eps, device))
                 .transpose()?,
             rope: Rope::new(

@@ -364,6 +364,9 @@ pub struct GatedMlp {
     up: Linear,
     down: Linear,
     act: Activation,
+    /// Gemma 3n's activation sparsity: gate values below mean + k·std (per token) are cut to
+    /// zero before the activation, k the normal quantile of the target sparsity.
+    sparsity_k: Option<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -382,18 +385,46 @@ impl GatedMlp {
             up: src.linear(&format!("{p}.ffn_up"), device)?,
             down: src.linear(&format!("{p}.ffn_down"), device)?,
             act,
+            sparsity_k: None,
         })
+    }
+
+    /// Keeps only gate values above the `sparsity` quantile of a normal fit per token.
+    pub fn with_sparsity(mut self, sparsity: f32) -> Self {
+        self.sparsity_k = (sparsity > 0.0).then(|| normal_quantile(sparsity as f64) as f32);
+        self
     }
 
     /// `x` [t, hidden] → [t, hidden]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?;
+        let mut g = self.gate.forward(x)?;
+        if let Some(k) = self.sparsity_k {
+            let mean = g.mean_keepdim(1)?;
+            let std = g.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?.sqrt()?;
+            let cutoff = (mean + (std * k as f64)?)?;
+            g = g.broadcast_sub(&cutoff)?.relu()?;
+        }
         let g = match self.act {
             Activation::Silu => candle_nn::ops::silu(&g)?,
             Activation::GeluTanh => g.gelu()?,
         };
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
+}
+
+/// The standard normal's quantile function (Newton on erf, to f64 precision).
+pub fn normal_quantile(p: f64) -> f64 {
+    let mut x = 0.0;
+    for _ in 0..100 {
+        let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let step = (cdf - p) / pdf;
+        x -= step;
+        if step.abs() < 1e-15 {
+            break;
+        }
+    }
+    x
 }
 
 pub struct RmsNorm {

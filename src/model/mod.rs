@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod attn;
 pub mod gemma;
+pub mod gemma3n;
 pub mod gemma4;
 pub mod gguf;
 pub mod layers;
@@ -20,6 +21,7 @@ use crate::kv::KvCache;
 use arch::{ArchKind, ModelArchitecture};
 use attn::KvAccess;
 use gemma::GemmaBlock;
+use gemma3n::{AltUpEnds, Gemma3nBlock};
 use gemma4::Gemma4Block;
 use layers::{Embedding, Linear, RmsNorm, Source};
 use llama::LlamaBlock;
@@ -28,6 +30,7 @@ enum Block {
     Llama(LlamaBlock),
     Gemma(GemmaBlock),
     Gemma4(Gemma4Block),
+    Gemma3n(Box<Gemma3nBlock>),
 }
 
 /// Per-layer embeddings (Gemma 4): a token-identity table read row by row from the map, and a
@@ -35,6 +38,10 @@ enum Block {
 struct PerLayerInputs {
     table: Embedding,
     table_scale: f64,
+    /// `1/sqrt(hidden)` on the projection and `1/sqrt(2)` on the sum (Gemma 3n keeps both in
+    /// the checkpoint's dtype, Gemma 4 in f32).
+    proj_scale: f64,
+    mix_scale: f64,
     model_proj: Linear,
     proj_norm: RmsNorm,
     n_layer: usize,
@@ -59,13 +66,25 @@ impl PerLayerInputs {
             table.advise_random();
             table
         };
+        let buffer = |x: f32| {
+            if arch.bf16_buffers {
+                layers::round_bf16(x)
+            } else {
+                x
+            }
+        };
+        let buffer_3n = |x: f32| {
+            if arch.kind == ArchKind::Gemma3n {
+                buffer(x)
+            } else {
+                x
+            }
+        };
         Ok(Some(Self {
             table,
-            table_scale: if arch.bf16_buffers {
-                layers::round_bf16(scale)
-            } else {
-                scale
-            } as f64,
+            table_scale: buffer(scale) as f64,
+            proj_scale: buffer_3n((arch.hidden as f32).powf(-0.5)) as f64,
+            mix_scale: buffer_3n(std::f32::consts::FRAC_1_SQRT_2) as f64,
             model_proj: src.linear("per_layer_model_proj", device)?,
             proj_norm: RmsNorm::load(src, "per_layer_proj_norm", arch.rms_eps, device)?,
             n_layer: arch.n_layer,
@@ -76,12 +95,11 @@ impl PerLayerInputs {
     /// `(norm(proj(x) / sqrt(hidden)) + table[ids] * sqrt(dim)) / sqrt(2)` → [t, n_layer, dim]
     fn inputs(&self, ids: &[u32], x: &Tensor) -> Result<Tensor> {
         let t = ids.len();
-        let hidden = x.dim(1)? as f64;
         let shape = (t, self.n_layer, self.dim);
-        let proj = (self.model_proj.forward(x)? * hidden.powf(-0.5))?.reshape(shape)?;
+        let proj = (self.model_proj.forward(x)? * self.proj_scale)?.reshape(shape)?;
         let proj = self.proj_norm.forward(&proj)?;
         let table = (self.table.rows(ids)? * self.table_scale)?.reshape(shape)?;
-        Ok(((proj + table)? * std::f64::consts::FRAC_1_SQRT_2)?)
+        Ok(((proj + table)? * self.mix_scale)?)
     }
 }
 
@@ -93,6 +111,7 @@ pub struct Model {
     embed_scale: Option<f64>,
     blocks: Vec<Block>,
     per_layer: Option<PerLayerInputs>,
+    altup: Option<AltUpEnds>,
     norm: RmsNorm,
     head: Linear,
     /// Bytes of weights as stored in the file.
@@ -155,6 +174,9 @@ impl Model {
                     ArchKind::Gemma4 => {
                         Block::Gemma4(Gemma4Block::load(&source, &arch, il, device)?)
                     }
+                    ArchKind::Gemma3n => {
+                        Block::Gemma3n(Box::new(Gemma3nBlock::load(&source, &arch, il, device)?))
+                    }
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -166,7 +188,14 @@ impl Model {
         };
         let norm = RmsNorm::load(&source, "output_norm", arch.rms_eps, device)?;
         let per_layer = PerLayerInputs::load(&source, &arch, device, ple_resident)?;
-        let embed_scale = matches!(arch.kind, ArchKind::Gemma3 | ArchKind::Gemma4).then(|| {
+        let altup = (arch.extras.altup_streams > 1)
+            .then(|| AltUpEnds::load(&source, &arch, device))
+            .transpose()?;
+        let embed_scale = matches!(
+            arch.kind,
+            ArchKind::Gemma3 | ArchKind::Gemma4 | ArchKind::Gemma3n
+        )
+        .then(|| {
             let s = (arch.hidden as f32).sqrt();
             (if arch.bf16_buffers {
                 layers::round_bf16(s)
@@ -182,6 +211,7 @@ impl Model {
             embed_scale,
             blocks,
             per_layer,
+            altup,
             norm,
             head,
             weight_bytes,
@@ -227,30 +257,42 @@ impl Model {
         let is_source: Vec<bool> = (0..self.blocks.len())
             .map(|il| (0..self.blocks.len()).any(|j| self.arch.kv_source(j) == Some(il)))
             .collect();
+        let mut streams = match &self.altup {
+            Some(a) => a.spread(&x)?,
+            None => Vec::new(),
+        };
         for (il, block) in self.blocks.iter().enumerate() {
-            x = match block {
-                Block::Llama(b) => b.forward(&x, &mut cache.layers[il], pos),
-                Block::Gemma(b) => b.forward(&x, &mut cache.layers[il], pos),
-                Block::Gemma4(b) => {
-                    let input = match &ple {
-                        Some(p) => Some(p.narrow(1, il, 1)?.squeeze(1)?),
-                        None => None,
-                    };
-                    let (before, after) = stash.split_at_mut(il);
-                    let kv = match self.arch.kv_source(il) {
-                        Some(src) => KvAccess::Shared(
-                            &cache.layers[src],
-                            before[src]
-                                .as_ref()
-                                .context("shared-KV layer before its source")?,
-                        ),
-                        None if is_source[il] => KvAccess::Source(&cache.layers[il], &mut after[0]),
-                        None => KvAccess::Own(&mut cache.layers[il]),
-                    };
-                    b.forward(&x, input.as_ref(), kv, pos)
+            let input = match &ple {
+                Some(p) => Some(p.narrow(1, il, 1)?.squeeze(1)?),
+                None => None,
+            };
+            let (before, after) = stash.split_at_mut(il);
+            let kv = match self.arch.kv_source(il) {
+                Some(src) => KvAccess::Shared(
+                    &cache.layers[src],
+                    before[src]
+                        .as_ref()
+                        .context("shared-KV layer before its source")?,
+                ),
+                None if is_source[il] => KvAccess::Source(&cache.layers[il], &mut after[0]),
+                None => KvAccess::Own(&mut cache.layers[il]),
+            };
+            let step = || -> Result<()> {
+                match block {
+                    Block::Llama(b) => x = b.forward(&x, own_cache(kv)?, pos)?,
+                    Block::Gemma(b) => x = b.forward(&x, own_cache(kv)?, pos)?,
+                    Block::Gemma4(b) => x = b.forward(&x, input.as_ref(), kv, pos)?,
+                    Block::Gemma3n(b) => {
+                        let input = input.context("gemma3n needs per-layer inputs")?;
+                        streams = b.forward(&streams, &input, kv, pos)?;
+                    }
                 }
-            }
-            .context("forward pass")?;
+                Ok(())
+            };
+            step().with_context(|| format!("forward pass, layer {il}"))?;
+        }
+        if let Some(a) = &self.altup {
+            x = a.merge(&streams)?;
         }
         for (il, kv) in stash.into_iter().enumerate() {
             if let Some((k, v)) = kv {
@@ -271,6 +313,14 @@ impl Model {
             logits = ((logits / cap as f64)?.tanh()? * cap as f64)?;
         }
         Ok(logits)
+    }
+}
+
+/// The cache of a layer that owns one (architectures without shared KV).
+fn own_cache(kv: KvAccess<'_>) -> Result<&mut crate::kv::LayerCache> {
+    match kv {
+        KvAccess::Own(c) => Ok(c),
+        _ => bail!("this architecture has no shared-KV layers"),
     }
 }
 

@@ -65,6 +65,7 @@ impl HfDir {
             "llama" | "mistral" | "qwen2" | "qwen3" | "granite" => ArchKind::Llama,
             "gemma3" | "gemma3_text" => ArchKind::Gemma3,
             "gemma4_text" => ArchKind::Gemma4,
+            "gemma3n_text" => ArchKind::Gemma3n,
             other => bail!(
                 "unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, gemma3, gemma4_text)"
             ),
@@ -160,12 +161,25 @@ impl HfDir {
 
     fn hf_name(&self, gguf_name: &str) -> String {
         let (stem, suffix) = gguf_name.rsplit_once('.').unwrap_or((gguf_name, "weight"));
-        // Gemma 4's per-layer output scale is a bare buffer, not a `.weight`.
+        // Bare parameters, not `.weight`s: Gemma 4's per-layer output scale, Gemma 3n's AltUp
+        // output scale.
         if let Some(il) = stem
             .strip_prefix("blk.")
             .and_then(|s| s.strip_suffix(".layer_output_scale"))
         {
             return format!("model.layers.{il}.layer_scalar");
+        }
+        if let Some(il) = stem
+            .strip_prefix("blk.")
+            .and_then(|s| s.strip_suffix(".altup_correct_scale"))
+        {
+            return format!("model.layers.{il}.altup.correct_output_scale");
+        }
+        if let Some(i) = stem.strip_prefix("altup_proj.") {
+            return format!("model.altup_projections.{i}.{suffix}");
+        }
+        if let Some(i) = stem.strip_prefix("altup_unembd_proj.") {
+            return format!("model.altup_unembed_projections.{i}.{suffix}");
         }
         let mapped = match stem {
             "token_embd" => "model.embed_tokens".to_string(),
@@ -176,7 +190,10 @@ impl HfDir {
             "output" => "lm_head".to_string(),
             _ => match stem.strip_prefix("blk.").and_then(|s| s.split_once('.')) {
                 Some((il, part)) => {
-                    let gemma = matches!(self.kind, ArchKind::Gemma3 | ArchKind::Gemma4);
+                    let gemma = matches!(
+                        self.kind,
+                        ArchKind::Gemma3 | ArchKind::Gemma4 | ArchKind::Gemma3n
+                    );
                     let hf_part = match part {
                         "attn_norm" => "input_layernorm",
                         "ffn_norm" if gemma => "pre_feedforward_layernorm",
@@ -195,6 +212,13 @@ impl HfDir {
                         "inp_gate" => "per_layer_input_gate",
                         "proj" => "per_layer_projection",
                         "post_norm" => "post_per_layer_input_norm",
+                        "altup_correct_coef" => "altup.correction_coefs",
+                        "altup_predict_coef" => "altup.prediction_coefs",
+                        "altup_router" => "altup.modality_router",
+                        "altup_router_norm" => "altup.router_norm",
+                        "laurel_l" => "laurel.linear_left",
+                        "laurel_r" => "laurel.linear_right",
+                        "laurel_post_norm" => "laurel.post_laurel_norm",
                         other => other,
                     };
                     format!("model.layers.{il}.{hf_part}")
@@ -284,8 +308,8 @@ impl HfDir {
             })
             .collect();
         let attn_scale = match f("query_pre_attn_scalar") {
-            // Gemma 4 normalizes q and k and does not scale the scores.
-            _ if self.kind == ArchKind::Gemma4 => 1.0,
+            // Gemma 3n / 4 normalize q and k and do not scale the scores.
+            _ if matches!(self.kind, ArchKind::Gemma4 | ArchKind::Gemma3n) => 1.0,
             Some(s) => 1.0 / (s as f32).sqrt(),
             None => 1.0 / (head_dim as f32).sqrt(),
         };
@@ -298,6 +322,12 @@ impl HfDir {
                 vocab: cfg_usize(c, "vocab_size_per_layer_input").unwrap_or(0),
             }),
             double_wide_mlp: c.get("use_double_wide_mlp").and_then(|v| v.as_bool()) == Some(true),
+            altup_streams: cfg_usize(c, "altup_num_inputs").unwrap_or(0),
+            activation_sparsity: c
+                .get("activation_sparsity_pattern")
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect())
+                .unwrap_or_default(),
             ..ArchExtras::default()
         };
         let arch = ModelArchitecture {
@@ -305,7 +335,13 @@ impl HfDir {
             rope_style: RopeStyle::Neox,
             n_layer,
             hidden,
-            intermediate: cfg_usize(c, "intermediate_size")?,
+            // Gemma 3n lists one width per layer.
+            intermediate: match c.get("intermediate_size").and_then(|v| v.as_array()) {
+                Some(widths) => {
+                    widths.iter().filter_map(|w| w.as_u64()).max().unwrap_or(0) as usize
+                }
+                None => cfg_usize(c, "intermediate_size")?,
+            },
             vocab: cfg_usize(c, "vocab_size")?,
             rms_eps: f("rms_norm_eps").unwrap_or(1e-6),
             max_context: cfg_usize(c, "max_position_embeddings").unwrap_or(4096),

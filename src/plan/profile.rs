@@ -211,6 +211,7 @@ impl ProfileFile {
                 double_wide_mlp: self.double_wide_mlp,
                 vision_params: self.vision_params,
                 audio_params: self.audio_params,
+                ..ArchExtras::default()
             },
         };
         arch.validate()?;
