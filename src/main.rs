@@ -41,6 +41,8 @@ enum Command {
     Select(SelectArgs),
     /// How fast per-layer embedding rows come out of a memory-mapped file, cold and warm.
     MmapProfile(MmapProfileArgs),
+    /// HF safetensors directory → GGUF (llama.cpp tensor names and keys, f32 tensors).
+    Convert(ConvertArgs),
     /// Needle in a haystack: recall of a fact placed early in a long context, per cache type.
     Needle(NeedleArgs),
 }
@@ -147,6 +149,14 @@ struct MmapProfileArgs {
     dir: PathBuf,
     #[arg(long)]
     json_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// HF directory (config.json + *.safetensors).
+    input: PathBuf,
+    /// GGUF file to write.
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -757,6 +767,11 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan(&a),
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
+        Command::Convert(a) => {
+            dhurandhar::model::convert::hf_to_gguf(&a.input, &a.output).map(|()| {
+                eprintln!("wrote {}", a.output.display());
+            })
+        }
         Command::Bench(a) => bench(&a),
         Command::Needle(a) => a.model.engine().and_then(|e| {
             use dhurandhar::bench::needle::run_one;

@@ -8,14 +8,27 @@ use dhurandhar::engine::sampling::{Sampler, SamplingParams};
 use dhurandhar::kv::CacheType;
 use dhurandhar::model::Logits;
 
-fn engine(arch: &str) -> Engine {
-    common::engine(common::fixture(arch), 128, CacheType::F32)
+/// The fixture itself, or (`gguf`) the fixture converted to GGUF with llama.cpp's names.
+fn engine(arch: &str, gguf: bool) -> Engine {
+    let dir = common::fixture(arch);
+    if !gguf {
+        return common::engine(dir, 128, CacheType::F32);
+    }
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{arch}.gguf"));
+    dhurandhar::model::convert::hf_to_gguf(&dir, &out).unwrap();
+    common::engine(out, 128, CacheType::F32)
 }
 
 fn check(arch: &str) {
-    let e = engine(arch);
+    check_model(arch, false);
+    check_model(arch, true);
+}
+
+fn check_model(arch: &str, gguf: bool) {
+    let e = engine(arch, gguf);
+    let arch = &format!("{arch}{}", if gguf { " (GGUF)" } else { "" });
     let refs = candle_core::safetensors::load(
-        common::fixture(arch).join("reference.safetensors"),
+        common::fixture(arch.split(' ').next().unwrap()).join("reference.safetensors"),
         &Device::Cpu,
     )
     .unwrap();

@@ -71,6 +71,8 @@ impl Engine {
         let model = Model::load(&cfg.model, &Device::Cpu, cfg.ple_resident)
             .with_context(|| format!("loading {}", cfg.model.display()))?;
         let tok = match model.source.as_ref() {
+            // Converted test checkpoints carry no vocabulary: token ids only, as with HF dirs.
+            Source::Gguf(g) if g.meta("tokenizer.ggml.model").is_none() => None,
             Source::Gguf(g) => Some(Tok::from_gguf(g)?),
             Source::Hf(h) => match h.tokenizer_json() {
                 Some(_) => Some(Tok::from_hf_dir(&h.dir)?),

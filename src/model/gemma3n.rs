@@ -4,11 +4,12 @@
 //! shared-KV tail (wired in `Model::forward`).
 
 use anyhow::Result;
+use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
 use super::arch::ModelArchitecture;
 use super::attn::{KvAccess, SelfAttention};
-use super::layers::{Activation, GatedMlp, Linear, RmsNorm, Source, round_bf16};
+use super::layers::{Activation, GatedMlp, Linear, RmsNorm, Source, Weight, round_bf16};
 
 /// Alternating updates: `n` streams; the layer runs on stream 0 and the others follow it
 /// through learned coefficients chosen per token by a small router.
@@ -174,6 +175,19 @@ impl AltUpEnds {
     pub fn load(src: &Source, arch: &ModelArchitecture, device: &Device) -> Result<Self> {
         let n = arch.extras.altup_streams;
         let lins = |name: &str| -> Result<Vec<Linear>> {
+            // GGUF (llama.cpp) stacks the n-1 matrices in one [n-1, hidden, hidden] tensor.
+            let stacked = format!("{name}.weight");
+            if src.has(&stacked) {
+                let all = src.vector(&stacked, device)?;
+                return (0..n - 1)
+                    .map(|i| {
+                        Ok(Linear {
+                            w: Weight::Candle(QMatMul::Tensor(all.get(i)?)),
+                            b: None,
+                        })
+                    })
+                    .collect();
+            }
             (0..n - 1)
                 .map(|i| src.linear(&format!("{name}.{i}"), device))
                 .collect()

@@ -94,6 +94,14 @@ impl GgufFile {
         })
     }
 
+    /// An array value's items through `f` (empty when absent or not an array).
+    pub fn meta_array<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+        self.meta(key)
+            .and_then(|v| v.to_vec().ok())
+            .map(|items| items.iter().filter_map(f).collect())
+            .unwrap_or_default()
+    }
+
     pub fn meta_bool(&self, key: &str) -> Option<bool> {
         self.meta(key).and_then(|v| v.to_bool().ok())
     }
@@ -135,8 +143,10 @@ impl GgufFile {
             "llama" | "mistral" | "granite" => (ArchKind::Llama, RopeStyle::Interleaved),
             "qwen2" | "qwen3" => (ArchKind::Llama, RopeStyle::Neox),
             "gemma3" => (ArchKind::Gemma3, RopeStyle::Neox),
+            "gemma3n" => (ArchKind::Gemma3n, RopeStyle::Neox),
+            "gemma4" => (ArchKind::Gemma4, RopeStyle::Neox),
             other => bail!(
-                "unsupported architecture `{other}` (supported: llama, mistral, granite, qwen2, qwen3, gemma3)"
+                "unsupported architecture `{other}` (supported: llama, mistral, granite, qwen2, qwen3, gemma3, gemma3n, gemma4)"
             ),
         };
         let key = |k: &str| format!("{name}.{k}");
@@ -147,7 +157,14 @@ impl GgufFile {
         };
         let n_layer = req("block_count")?;
         let hidden = req("embedding_length")?;
-        let intermediate = req("feed_forward_length")?;
+        // Gemma 3n / 4 store one feed-forward width per layer.
+        let ffn_widths: Vec<usize> = self.meta_array(&key("feed_forward_length"), |v| {
+            v.to_u32().ok().map(|x| x as usize)
+        });
+        let intermediate = match ffn_widths.iter().max() {
+            Some(&w) => w,
+            None => req("feed_forward_length")?,
+        };
         let n_head = req("attention.head_count")?;
         let n_kv_head = self
             .meta_u32(&key("attention.head_count_kv"))
@@ -171,7 +188,15 @@ impl GgufFile {
             .unwrap_or(1e-6) as f64;
         let max_context = req("context_length").unwrap_or(4096);
         let mut attn_scale = 1.0 / (head_dim as f32).sqrt();
-        let windows = if kind == ArchKind::Gemma3 {
+        // Gemma 3n / 4: which layers slide, as one bool per layer.
+        let swa_layers: Vec<bool> = self
+            .meta_array(&key("attention.sliding_window_pattern"), |v| {
+                v.to_bool().ok()
+            });
+        let windows = if swa_layers.len() == n_layer {
+            let w = req("attention.sliding_window")?;
+            swa_layers.iter().map(|&s| s.then_some(w)).collect()
+        } else if kind == ArchKind::Gemma3 {
             match self.meta_u32(&key("attention.sliding_window")) {
                 Some(w) if w > 0 => {
                     let period = self
@@ -189,17 +214,65 @@ impl GgufFile {
         if kind == ArchKind::Gemma3 && n_layer == 62 {
             attn_scale = 1.0 / ((hidden / n_head) as f32).sqrt();
         }
+        let swa_head_dim = self
+            .meta_u32(&key("attention.key_length_swa"))
+            .map_or(head_dim, |v| v as usize);
+        let rotated = self
+            .meta_u32(&key("rope.dimension_count"))
+            .map_or(head_dim, |v| v as usize);
+        let gemma_n = matches!(kind, ArchKind::Gemma3n | ArchKind::Gemma4);
+        if gemma_n {
+            attn_scale = 1.0;
+        }
         let layers = windows
             .into_iter()
             .map(|w| LayerGeometry {
                 n_head,
                 n_kv_head,
-                head_dim,
+                head_dim: if w.is_some() { swa_head_dim } else { head_dim },
                 sliding_window: w,
                 rope_theta: if w.is_some() { swa_theta } else { rope_theta },
-                rope_partial: 1.0,
+                rope_partial: if w.is_some() {
+                    1.0
+                } else {
+                    rotated as f32 / head_dim as f32
+                },
             })
             .collect();
+        let shared = self
+            .meta_u32(&key("attention.shared_kv_layers"))
+            .unwrap_or(0) as usize;
+        let ple_dim = self
+            .meta_u32(&key("embedding_length_per_layer_input"))
+            .unwrap_or(0) as usize;
+        let ple_vocab = self
+            .content
+            .tensor_infos
+            .get("per_layer_token_embd.weight")
+            .map_or(0, |t| t.shape.dims()[0]);
+        // llama.cpp stores the normal quantile k of each layer's target sparsity.
+        let sparsity = self
+            .meta_array(&key("activation_sparsity_scale"), |v| v.to_f32().ok())
+            .into_iter()
+            .map(|k| {
+                if k > 0.0 {
+                    (0.5 * (1.0 + libm::erf(k as f64 / std::f64::consts::SQRT_2))) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let extras = crate::model::arch::ArchExtras {
+            kv_shared_from: (shared > 0).then(|| n_layer.saturating_sub(shared)),
+            ple: (ple_dim > 0).then_some(crate::model::arch::PleDims {
+                dim: ple_dim,
+                vocab: ple_vocab,
+            }),
+            double_wide_mlp: ffn_widths.iter().any(|&w| w > ffn_widths[0]),
+            altup_streams: self.meta_u32(&key("altup.num_inputs")).unwrap_or(0) as usize,
+            activation_sparsity: sparsity,
+            ..Default::default()
+        };
         let arch = ModelArchitecture {
             kind,
             rope_style,
@@ -216,10 +289,12 @@ impl GgufFile {
             final_logit_softcap: self
                 .meta_f32(&key("final_logit_softcapping"))
                 .filter(|c| *c > 0.0),
-            bf16_buffers: false,
+            // Files we converted from a bf16 HF checkpoint say so: transformers runs that
+            // checkpoint with its computed buffers rounded to bf16.
+            bf16_buffers: self.meta_str("dhurandhar.hf_dtype") == Some("bfloat16"),
             layers,
             name,
-            extras: Default::default(),
+            extras,
         };
         arch.validate()?;
         Ok(arch)

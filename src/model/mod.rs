@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod attn;
+pub mod convert;
 pub mod gemma;
 pub mod gemma3n;
 pub mod gemma4;

@@ -129,6 +129,22 @@ impl HfDir {
         Ok(t)
     }
 
+    /// The checkpoint's tensor names (HF spelling).
+    pub fn hf_names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape, by its HF name.
+    pub fn shape(&self, hf: &str) -> Option<Vec<usize>> {
+        let i = *self.index.get(hf)?;
+        let st = SafeTensors::deserialize(&self.maps[i]).ok()?;
+        Some(st.tensor(hf).ok()?.shape().to_vec())
+    }
+
+    pub fn kind(&self) -> ArchKind {
+        self.kind
+    }
+
     /// A 2-D table whose rows are read from the map on demand (f32, f16 or bf16).
     pub fn embedding(&self, gguf_name: &str, device: &Device) -> Result<Embedding> {
         let hf = self.hf_name(gguf_name);
@@ -160,73 +176,7 @@ impl HfDir {
     }
 
     fn hf_name(&self, gguf_name: &str) -> String {
-        let (stem, suffix) = gguf_name.rsplit_once('.').unwrap_or((gguf_name, "weight"));
-        // Bare parameters, not `.weight`s: Gemma 4's per-layer output scale, Gemma 3n's AltUp
-        // output scale.
-        if let Some(il) = stem
-            .strip_prefix("blk.")
-            .and_then(|s| s.strip_suffix(".layer_output_scale"))
-        {
-            return format!("model.layers.{il}.layer_scalar");
-        }
-        if let Some(il) = stem
-            .strip_prefix("blk.")
-            .and_then(|s| s.strip_suffix(".altup_correct_scale"))
-        {
-            return format!("model.layers.{il}.altup.correct_output_scale");
-        }
-        if let Some(i) = stem.strip_prefix("altup_proj.") {
-            return format!("model.altup_projections.{i}.{suffix}");
-        }
-        if let Some(i) = stem.strip_prefix("altup_unembd_proj.") {
-            return format!("model.altup_unembed_projections.{i}.{suffix}");
-        }
-        let mapped = match stem {
-            "token_embd" => "model.embed_tokens".to_string(),
-            "per_layer_token_embd" => "model.embed_tokens_per_layer".to_string(),
-            "per_layer_model_proj" => "model.per_layer_model_projection".to_string(),
-            "per_layer_proj_norm" => "model.per_layer_projection_norm".to_string(),
-            "output_norm" => "model.norm".to_string(),
-            "output" => "lm_head".to_string(),
-            _ => match stem.strip_prefix("blk.").and_then(|s| s.split_once('.')) {
-                Some((il, part)) => {
-                    let gemma = matches!(
-                        self.kind,
-                        ArchKind::Gemma3 | ArchKind::Gemma4 | ArchKind::Gemma3n
-                    );
-                    let hf_part = match part {
-                        "attn_norm" => "input_layernorm",
-                        "ffn_norm" if gemma => "pre_feedforward_layernorm",
-                        "ffn_norm" => "post_attention_layernorm",
-                        "post_attention_norm" => "post_attention_layernorm",
-                        "post_ffw_norm" => "post_feedforward_layernorm",
-                        "attn_q" => "self_attn.q_proj",
-                        "attn_k" => "self_attn.k_proj",
-                        "attn_v" => "self_attn.v_proj",
-                        "attn_output" => "self_attn.o_proj",
-                        "attn_q_norm" => "self_attn.q_norm",
-                        "attn_k_norm" => "self_attn.k_norm",
-                        "ffn_gate" => "mlp.gate_proj",
-                        "ffn_up" => "mlp.up_proj",
-                        "ffn_down" => "mlp.down_proj",
-                        "inp_gate" => "per_layer_input_gate",
-                        "proj" => "per_layer_projection",
-                        "post_norm" => "post_per_layer_input_norm",
-                        "altup_correct_coef" => "altup.correction_coefs",
-                        "altup_predict_coef" => "altup.prediction_coefs",
-                        "altup_router" => "altup.modality_router",
-                        "altup_router_norm" => "altup.router_norm",
-                        "laurel_l" => "laurel.linear_left",
-                        "laurel_r" => "laurel.linear_right",
-                        "laurel_post_norm" => "laurel.post_laurel_norm",
-                        other => other,
-                    };
-                    format!("model.layers.{il}.{hf_part}")
-                }
-                None => stem.to_string(),
-            },
-        };
-        format!("{mapped}.{suffix}")
+        hf_name(self.kind, gguf_name)
     }
 
     pub fn tokenizer_json(&self) -> Option<PathBuf> {
@@ -366,4 +316,114 @@ fn model_type(cfg: &serde_json::Value) -> Result<&str> {
     cfg.get("model_type")
         .and_then(|v| v.as_str())
         .context("config.json: missing `model_type`")
+}
+
+/// Top-level tensors: GGUF (llama.cpp) stem ↔ HF module path.
+const GLOBAL_NAMES: &[(&str, &str)] = &[
+    ("token_embd", "model.embed_tokens"),
+    ("per_layer_token_embd", "model.embed_tokens_per_layer"),
+    ("per_layer_model_proj", "model.per_layer_model_projection"),
+    ("per_layer_proj_norm", "model.per_layer_projection_norm"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+    ("altup_proj", "model.altup_projections"),
+    ("altup_unembd_proj", "model.altup_unembed_projections"),
+];
+
+/// Per-block tensors: GGUF part ↔ HF module under `model.layers.N`.
+const BLOCK_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("inp_gate", "per_layer_input_gate"),
+    ("proj", "per_layer_projection"),
+    ("post_norm", "post_per_layer_input_norm"),
+    ("altup_correct_coef", "altup.correction_coefs"),
+    ("altup_predict_coef", "altup.prediction_coefs"),
+    ("altup_router", "altup.modality_router"),
+    ("altup_router_norm", "altup.router_norm"),
+    ("laurel_l", "laurel.linear_left"),
+    ("laurel_r", "laurel.linear_right"),
+    ("laurel_post_norm", "laurel.post_laurel_norm"),
+];
+
+/// Bare parameters (no `.weight` in HF): Gemma 4's per-layer output scale, Gemma 3n's AltUp
+/// output scale.
+const BARE_BLOCK_NAMES: &[(&str, &str)] = &[
+    ("layer_output_scale", "layer_scalar"),
+    ("altup_correct_scale", "altup.correct_output_scale"),
+];
+
+/// The FFN norm: gemma's pre-feed-forward norm, llama's post-attention norm.
+fn ffn_norm_hf(kind: ArchKind) -> &'static str {
+    match kind {
+        ArchKind::Llama => "post_attention_layernorm",
+        _ => "pre_feedforward_layernorm",
+    }
+}
+
+/// The HF name of a tensor we ask for by its GGUF name (`blk.3.attn_q.weight`).
+pub fn hf_name(kind: ArchKind, gguf_name: &str) -> String {
+    let (stem, suffix) = gguf_name.rsplit_once('.').unwrap_or((gguf_name, "weight"));
+    if let Some((il, part)) = stem.strip_prefix("blk.").and_then(|s| s.split_once('.')) {
+        if let Some((_, hf)) = BARE_BLOCK_NAMES.iter().find(|(g, _)| *g == part) {
+            return format!("model.layers.{il}.{hf}");
+        }
+        let hf = match part {
+            "ffn_norm" => ffn_norm_hf(kind),
+            _ => BLOCK_NAMES
+                .iter()
+                .find(|(g, _)| *g == part)
+                .map_or(part, |(_, h)| h),
+        };
+        return format!("model.layers.{il}.{hf}.{suffix}");
+    }
+    // Stacked AltUp projections are asked for one by one: `altup_proj.2.weight`.
+    let (base, index) = match stem.rsplit_once('.') {
+        Some((b, i)) if i.parse::<usize>().is_ok() => (b, Some(i)),
+        _ => (stem, None),
+    };
+    let hf = GLOBAL_NAMES
+        .iter()
+        .find(|(g, _)| *g == base)
+        .map_or(base, |(_, h)| h);
+    match index {
+        Some(i) => format!("{hf}.{i}.{suffix}"),
+        None => format!("{hf}.{suffix}"),
+    }
+}
+
+/// The GGUF name of an HF tensor, for the converter; None for tensors GGUF leaves out.
+pub fn gguf_name(kind: ArchKind, hf: &str) -> Option<String> {
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (il, module) = rest.split_once('.')?;
+        if let Some((g, _)) = BARE_BLOCK_NAMES.iter().find(|(_, h)| *h == module) {
+            return Some(format!("blk.{il}.{g}.weight"));
+        }
+        let (path, suffix) = module.rsplit_once('.')?;
+        let part = if path == ffn_norm_hf(kind) {
+            "ffn_norm"
+        } else {
+            BLOCK_NAMES.iter().find(|(_, h)| *h == path)?.0
+        };
+        return Some(format!("blk.{il}.{part}.{suffix}"));
+    }
+    let (path, suffix) = hf.rsplit_once('.')?;
+    if let Some((base, i)) = path.rsplit_once('.')
+        && i.parse::<usize>().is_ok()
+    {
+        let g = GLOBAL_NAMES.iter().find(|(_, h)| *h == base)?.0;
+        return Some(format!("{g}.{i}.{suffix}"));
+    }
+    let g = GLOBAL_NAMES.iter().find(|(_, h)| *h == path)?.0;
+    Some(format!("{g}.{suffix}"))
 }
