@@ -33,7 +33,13 @@ fn plan_kv_equals_what_the_engine_allocates() {
         (CacheType::Turbo3, CacheType::Turbo2, None),
         (CacheType::Turbo3, CacheType::Turbo3, Some("q8-boundary")),
     ];
-    for path in [common::smollm2(), common::gemma3_270m()] {
+    // The PLE fixtures add per-layer head dims and shared-KV layers that store nothing.
+    for path in [
+        common::smollm2(),
+        common::gemma3_270m(),
+        common::fixture("gemma4"),
+        common::fixture("gemma3n"),
+    ] {
         let planned_model = profile::resolve(path.to_str().unwrap()).unwrap();
         for (k, v, policy) in cases {
             let engine = Engine::load(&EngineConfig {
