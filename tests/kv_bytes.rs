@@ -19,8 +19,13 @@ fn bits_per_value(ty: CacheType, head_dim: usize) -> f64 {
         CacheType::Q8_0 => 8.5,
         CacheType::Q4_0 => 4.5,
         // norm (+ reserved rnorm at 128) and 4-bit indices
-        CacheType::Turbo4 => 4.0 + if g == 128.0 { 32.0 } else { 16.0 } / g,
-        CacheType::Turbo3 => 3.0 + 16.0 / g,
+        // (the RotorQuant family keeps turbo's packing)
+        CacheType::Turbo4 | CacheType::Planar4 | CacheType::Iso4 | CacheType::Rotor4 => {
+            4.0 + if g == 128.0 { 32.0 } else { 16.0 } / g
+        }
+        CacheType::Turbo3 | CacheType::Planar3 | CacheType::Iso3 | CacheType::Rotor3 => {
+            3.0 + 16.0 / g
+        }
         CacheType::Turbo2 => 2.0 + 16.0 / g,
     }
 }
@@ -36,7 +41,7 @@ fn check(model: std::path::PathBuf, n_ctx: usize) {
             let rows = arch.kv_rows(il, n_ctx);
             let values = (l.n_kv_head * rows * l.head_dim) as f64;
             want += 2.0 * values * bits_per_value(ty, l.head_dim) / 8.0;
-            if ty.is_turbo() {
+            if ty.codec().rotates() {
                 // f16 sink rows
                 want += 2.0 * (l.n_kv_head * SINK_ROWS.min(rows) * l.head_dim * 2) as f64;
             }

@@ -144,7 +144,7 @@ impl Engine {
             .policy
             .layers
             .iter()
-            .any(|(k, v)| k.is_turbo() || v.is_turbo());
+            .any(|(k, v)| k.codec().rotates() || v.codec().rotates());
         if cfg.kv_centering && uses_rotation {
             engine.calibration = Some(engine.calibrate()?);
         }

@@ -55,6 +55,12 @@ cache_types! {
     Turbo4 => "turbo4", codec::turbo4::Turbo4Codec::default();
     Turbo3 => "turbo3", codec::turbo3::Turbo3Codec::default();
     Turbo2 => "turbo2", codec::turbo2::Turbo2Codec::default();
+    Planar4 => "planar4", codec::planar::Planar4Codec::default();
+    Planar3 => "planar3", codec::planar::Planar3Codec::default();
+    Iso4 => "iso4", codec::iso::Iso4Codec::default();
+    Iso3 => "iso3", codec::iso::Iso3Codec::default();
+    Rotor4 => "rotor4", codec::rotor::Rotor4Codec::default();
+    Rotor3 => "rotor3", codec::rotor::Rotor3Codec::default();
 }
 
 impl CacheType {

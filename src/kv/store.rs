@@ -25,7 +25,7 @@ pub fn store_bytes(
     rows: usize,
     centered: bool,
 ) -> usize {
-    let sink = if centered && ty.is_turbo() {
+    let sink = if centered && ty.codec().rotates() {
         SINK_ROWS.min(rows)
     } else {
         0
@@ -271,7 +271,7 @@ impl KvCache {
                 let (tk, tv) = policy.layers[il];
                 let mean = |ty: CacheType, means: fn(&KvCalibration) -> &Vec<Vec<f32>>| {
                     calib
-                        .filter(|_| ty.is_turbo())
+                        .filter(|_| ty.codec().rotates())
                         .map(|c| means(c)[il].clone())
                 };
                 LayerCache {

@@ -2,9 +2,12 @@
 
 pub mod f16;
 pub mod f32;
+pub mod iso;
 pub mod lloyd_max;
+pub mod planar;
 pub mod q4_0;
 pub mod q8_0;
+pub mod rotor;
 pub mod turbo;
 pub mod turbo2;
 pub mod turbo3;
@@ -24,6 +27,11 @@ pub trait KvCodec: Send + Sync {
         1
     }
     fn bytes_per_row(&self, head_dim: usize) -> usize;
+    /// Rows live in a rotated domain quantized against a codebook: such stores center rows on
+    /// calibrated means and keep the first positions at f16 (`kv::calibration`).
+    fn rotates(&self) -> bool {
+        false
+    }
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]);
     /// Back to the original domain (inverse rotation included).
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]);

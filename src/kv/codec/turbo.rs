@@ -6,7 +6,9 @@
 //! `norm · <q_rot, c[idx]>`, V accumulates rotated and is rotated back once per head.
 //!
 //! The three widths differ only in how a group's norm and indices are packed; each lives in its
-//! own file as a [`TurboLayout`].
+//! own file as a [`TurboLayout`]. The rotation is a parameter too ([`Rotation`]): the WHT for
+//! turbo, block rotations for the RotorQuant family (`planar`, `iso`, `rotor`), which keep the
+//! same packing and attention path.
 
 use std::marker::PhantomData;
 
@@ -32,6 +34,52 @@ pub trait TurboLayout: Send + Sync + 'static {
     }
 }
 
+/// An orthogonal map of one group of 64 or 128 values and its inverse.
+pub trait Rotation: Send + Sync + 'static {
+    fn forward(x: &mut [f32]);
+    fn inverse(x: &mut [f32]);
+}
+
+/// The fork's randomized Walsh–Hadamard transform.
+pub struct Wht;
+
+impl Rotation for Wht {
+    fn forward(x: &mut [f32]) {
+        wht::forward(x)
+    }
+    fn inverse(x: &mut [f32]) {
+        wht::inverse(x)
+    }
+}
+
+/// SplitMix64: the fixed pseudo-random stream block rotations draw their angles from, so a
+/// stored cache reads back the same on every build.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / 18_446_744_073_709_551_616.0
+    }
+
+    /// A uniformly random unit quaternion (Shoemake's method).
+    pub fn unit_quaternion(&mut self) -> [f32; 4] {
+        let (u1, u2, u3) = (self.next_f64(), self.next_f64(), self.next_f64());
+        let tau = std::f64::consts::TAU;
+        let (a, b) = ((1.0 - u1).sqrt(), u1.sqrt());
+        [
+            (a * (tau * u2).sin()) as f32,
+            (a * (tau * u2).cos()) as f32,
+            (b * (tau * u3).sin()) as f32,
+            (b * (tau * u3).cos()) as f32,
+        ]
+    }
+}
+
 /// Rotation group width for a head: 128 where it divides the head (the fork's group), else 64.
 pub fn group_width(head_dim: usize) -> usize {
     if head_dim.is_multiple_of(128) {
@@ -41,9 +89,9 @@ pub fn group_width(head_dim: usize) -> usize {
     }
 }
 
-pub struct Turbo<L>(PhantomData<L>);
+pub struct Turbo<L, R = Wht>(PhantomData<(L, R)>);
 
-impl<L> Default for Turbo<L> {
+impl<L, R> Default for Turbo<L, R> {
     fn default() -> Self {
         Self(PhantomData)
     }
@@ -56,7 +104,7 @@ fn table(cb: &Codebook) -> [f32; 16] {
     t
 }
 
-impl<L: TurboLayout> Turbo<L> {
+impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
     fn codebook(g: usize) -> &'static Codebook {
         lloyd_max::turbo(g, L::BITS)
     }
@@ -71,7 +119,7 @@ impl<L: TurboLayout> Turbo<L> {
         for (b, v) in buf.iter_mut().zip(x) {
             *b = v * inv;
         }
-        wht::forward(buf);
+        R::forward(buf);
         let mut codes = [0u8; 128];
         let mut recon = 0f32;
         for (c, v) in codes.iter_mut().zip(buf.iter()) {
@@ -85,9 +133,13 @@ impl<L: TurboLayout> Turbo<L> {
     }
 }
 
-impl<L: TurboLayout> KvCodec for Turbo<L> {
+impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
     fn block_size(&self) -> usize {
         64
+    }
+
+    fn rotates(&self) -> bool {
+        true
     }
 
     fn bytes_per_row(&self, head_dim: usize) -> usize {
@@ -117,20 +169,20 @@ impl<L: TurboLayout> KvCodec for Turbo<L> {
             for (o, &c) in y.iter_mut().zip(&codes[..g]) {
                 *o = norm * cb.centroids[c as usize];
             }
-            wht::inverse(y);
+            R::inverse(y);
         }
     }
 
     fn prepare_query(&self, q: &[f32], out: &mut [f32]) {
         out.copy_from_slice(q);
         for grp in out.chunks_exact_mut(group_width(q.len())) {
-            wht::forward(grp);
+            R::forward(grp);
         }
     }
 
     fn finish_output(&self, acc: &mut [f32]) {
         for grp in acc.chunks_exact_mut(group_width(acc.len())) {
-            wht::inverse(grp);
+            R::inverse(grp);
         }
     }
 
@@ -239,11 +291,21 @@ pub(crate) mod tests {
     /// Generic checks every turbo width must pass: bytes, reconstruction, fused paths agree with
     /// dequantize-then-dot, and the error shrinks with more bits.
     pub fn check<L: TurboLayout>(max_rel_mse: f32) {
-        let codec = Turbo::<L>::default();
+        for d in [64, 128, 256] {
+            let g = group_width(d);
+            assert_eq!(
+                Turbo::<L>::default().bytes_per_row(d),
+                d / g * L::group_bytes(g)
+            );
+        }
+        check_codec(&Turbo::<L>::default(), max_rel_mse);
+    }
+
+    /// Any codec: reconstruction within `max_rel_mse`, fused dot and axpy equal to working on
+    /// the dequantized row.
+    pub fn check_codec(codec: &dyn KvCodec, max_rel_mse: f32) {
         for d in [64, 128, 256] {
             let rb = codec.bytes_per_row(d);
-            let g = group_width(d);
-            assert_eq!(rb, d / g * L::group_bytes(g));
             let mut mse = 0f32;
             let mut energy = 0f32;
             for x in rows(8, d) {
@@ -275,6 +337,25 @@ pub(crate) mod tests {
             }
             let rel = mse / energy;
             assert!(rel < max_rel_mse, "d={d}: relative MSE {rel}");
+        }
+    }
+
+    /// A rotation keeps lengths and its inverse undoes it, for both group widths.
+    pub fn check_rotation<R: Rotation>() {
+        for g in [64, 128] {
+            let x: Vec<f32> = (0..g).map(|i| ((i * 7) as f32 * 0.3).sin() + 0.1).collect();
+            let mut y = x.clone();
+            R::forward(&mut y);
+            let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+            assert!((n(&x) - n(&y)).abs() < 1e-4 * n(&x), "length changed");
+            assert!(
+                x.iter().zip(&y).any(|(a, b)| (a - b).abs() > 1e-3),
+                "no rotation"
+            );
+            R::inverse(&mut y);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
         }
     }
 
