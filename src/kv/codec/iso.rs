@@ -16,7 +16,7 @@ pub type Iso4Codec = Turbo<Turbo4, Quaternions>;
 fn pairs() -> &'static [([f32; 4], [f32; 4]); 32] {
     static T: OnceLock<[([f32; 4], [f32; 4]); 32]> = OnceLock::new();
     T.get_or_init(|| {
-        let mut rng = SplitMix(0x49_534F_5155_4154); // "ISOQUAT"
+        let mut rng = SplitMix(0x0049_534F_5155_4154); // "ISOQUAT"
         std::array::from_fn(|_| (rng.unit_quaternion(), rng.unit_quaternion()))
     })
 }

@@ -18,7 +18,7 @@ pub type Rotor4Codec = Turbo<Turbo4, Rotors>;
 fn matrices() -> &'static [[[f32; 3]; 3]; 42] {
     static T: OnceLock<[[[f32; 3]; 3]; 42]> = OnceLock::new();
     T.get_or_init(|| {
-        let mut rng = SplitMix(0x524F_544F_52); // "ROTOR"
+        let mut rng = SplitMix(0x0052_4F54_4F52); // "ROTOR"
         std::array::from_fn(|_| {
             let [w, x, y, z] = rng.unit_quaternion();
             [
