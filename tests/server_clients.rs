@@ -30,9 +30,12 @@ fn client_script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs a client script; its output is shown and it must print `marker`.
+/// Runs a client script (killed after 10 minutes); its output is shown and it must print
+/// `marker`.
 fn run_client(server: &Server, script: &str, args: &[&str], marker: &str) {
-    let out = Command::new(python())
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg(python())
         .arg(client_script(script))
         .arg(format!("{}/v1", server.base))
         .arg(KEY)

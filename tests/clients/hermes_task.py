@@ -24,6 +24,7 @@ agent = AIAgent(
     skip_context_files=True,
     skip_memory=True,
     max_iterations=1,
+    max_tokens=256,
     tool_delay=0,
     request_overrides={"tool_choice": {"type": "function", "function": {"name": "read_file"}}, "temperature": 0},
 )
