@@ -19,6 +19,14 @@ fn engine(arch: &str, gguf: bool) -> Engine {
     common::engine(out, 128, CacheType::F32)
 }
 
+/// Largest |a - b| over two [positions, vocab] logit tables.
+fn max_abs_diff(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    got.iter()
+        .zip(want)
+        .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
+        .fold(0f32, f32::max)
+}
+
 fn check(arch: &str) {
     check_model(arch, false);
     check_model(arch, true);
@@ -66,11 +74,7 @@ fn check_model(arch: &str, gguf: bool) {
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    let split_worst = got
-        .iter()
-        .zip(&want[0][40..])
-        .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
-        .fold(0f32, f32::max);
+    let split_worst = max_abs_diff(&got, &want[0][40..]);
     assert!(
         split_worst < 1e-3,
         "{arch}: chunked prefill differs by {split_worst}"
@@ -153,11 +157,7 @@ fn every_cache_type_runs_on_gemma3n_and_gemma4() {
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
-            let worst = got
-                .iter()
-                .zip(&want[0][40..])
-                .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(&got, &want[0][40..]);
             eprintln!("{arch} {ty}: max |logit - reference| = {worst:.4}");
             let bound = match ty {
                 CacheType::F32 => 1e-3,
