@@ -140,19 +140,20 @@ impl Engine {
             calibration: None,
             n_ctx,
         };
-        let uses_rotation = engine
-            .policy
-            .layers
-            .iter()
-            .any(|(k, v)| k.codec().rotates() || v.codec().rotates());
-        if cfg.kv_centering && uses_rotation {
-            engine.calibration = Some(engine.calibrate()?);
+        let types = || engine.policy.layers.iter().flat_map(|&(k, v)| [k, v]);
+        let uses_rotation = types().any(|t| t.codec().rotates());
+        let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
+        if (cfg.kv_centering && uses_rotation) || uses_spectrum {
+            let mut calib = engine.calibrate(uses_spectrum)?;
+            calib.center = cfg.kv_centering;
+            engine.calibration = Some(calib);
         }
         Ok(engine)
     }
 
-    /// Reads the built-in calibration text with an f32 cache and keeps its K/V means.
-    fn calibrate(&self) -> Result<KvCalibration> {
+    /// Reads the built-in calibration text with an f32 cache and keeps its K/V means (and with
+    /// `spectra`, each head's covariance spectrum for SpectralQuant).
+    fn calibrate(&self, spectra: bool) -> Result<KvCalibration> {
         let t0 = Instant::now();
         let tokens = match &self.tok {
             Some(t) => t.encode(CALIBRATION_TEXT, true)?,
@@ -165,9 +166,10 @@ impl Engine {
         let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
         let mut cache = KvCache::new(arch, &policy, tokens.len(), None)?;
         self.prefill(&mut cache, &tokens)?;
-        let calib = KvCalibration::from_cache(&cache);
+        let calib = KvCalibration::from_cache(&cache, spectra);
         eprintln!(
-            "kv calibration: K/V means over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
+            "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
+            if spectra { " and per-head spectra" } else { "" },
             tokens.len(),
             t0.elapsed().as_secs_f64() * 1e3
         );

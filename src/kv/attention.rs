@@ -209,7 +209,7 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
         for (gi, qr) in qs.chunks_exact_mut(hd).enumerate() {
             let h = kvh * g + gi;
             let qh = &q[h * hd..(h + 1) * hd];
-            cache.k.codec.prepare_query(qh, qr);
+            cache.k.codec(kvh).prepare_query(qh, qr);
             bias[gi] = mean.map_or(0.0, |m| dot_f32(qh, m));
         }
         let n = range.len();
@@ -260,7 +260,7 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
                     axpy_f32(c, &p.acc[gi * hd..(gi + 1) * hd], o);
                 }
             }
-            cache.v.codec.finish_output(o);
+            cache.v.codec(kvh).finish_output(o);
             if let Some(m) = cache.v.head_mean(kvh, hd) {
                 axpy_f32(past, m, o);
             }
@@ -316,7 +316,7 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                 let h = kvh * g + gi;
                 let src = &q[(ti * s.n_head + h) * hd..][..hd];
                 let r = gi * nb + bi;
-                cache.k.codec.prepare_query(src, &mut qs[r * hd..][..hd]);
+                cache.k.codec(kvh).prepare_query(src, &mut qs[r * hd..][..hd]);
                 bias[r] = k_mean.map_or(0.0, |mu| dot_f32(src, mu));
             }
         }
@@ -369,7 +369,7 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
             for (bi, ti) in tis.clone().enumerate() {
                 let r = gi * nb + bi;
                 let o = &mut acc[r * hd..][..hd];
-                cache.v.codec.finish_output(o);
+                cache.v.codec(kvh).finish_output(o);
                 if let Some(mu) = cache.v.head_mean(kvh, hd) {
                     axpy_f32(past_weight[r], mu, o);
                 }

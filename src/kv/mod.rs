@@ -61,6 +61,8 @@ cache_types! {
     Iso3 => "iso3", codec::iso::Iso3Codec::default();
     Rotor4 => "rotor4", codec::rotor::Rotor4Codec::default();
     Rotor3 => "rotor3", codec::rotor::Rotor3Codec::default();
+    Spectral4 => "spectral4", codec::spectral::Spectral4Codec::default();
+    Spectral3 => "spectral3", codec::spectral::Spectral3Codec::default();
 }
 
 impl CacheType {

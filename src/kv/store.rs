@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use super::calibration::KvCalibration;
+use super::calibration::{KvCalibration, Spectrum};
 use super::codec::f16::F16Codec;
 use super::{CacheType, KvCodec, KvPolicy};
 use crate::model::arch::ModelArchitecture;
@@ -37,7 +37,8 @@ pub fn store_bytes(
 /// rows are contiguous for the decode scan.
 pub struct RowStore {
     pub ty: CacheType,
-    pub codec: Box<dyn KvCodec>,
+    /// One codec per KV head: the same for most types, fitted per head for SpectralQuant.
+    codecs: Vec<Box<dyn KvCodec>>,
     pub row_bytes: usize,
     pub capacity: usize,
     pub n_kv_head: usize,
@@ -59,9 +60,18 @@ impl RowStore {
         head_dim: usize,
         capacity: usize,
         mean: Option<Vec<f32>>,
+        spectra: Option<&[Spectrum]>,
     ) -> Self {
         let codec = ty.codec();
         let row_bytes = codec.bytes_per_row(head_dim);
+        let codecs = (0..n_kv_head)
+            .map(|h| {
+                spectra
+                    .and_then(|s| s.get(h))
+                    .and_then(|s| codec.fit(s))
+                    .unwrap_or_else(|| ty.codec())
+            })
+            .collect();
         let bytes = n_kv_head * capacity * row_bytes;
         // Sinks come with centering: both are off for the fork's plain TurboQuant.
         let sink = if mean.is_some() {
@@ -71,7 +81,7 @@ impl RowStore {
         };
         Self {
             ty,
-            codec,
+            codecs,
             row_bytes,
             capacity,
             n_kv_head,
@@ -81,6 +91,11 @@ impl RowStore {
             head_dim,
             data: vec![0u64; bytes.div_ceil(8)],
         }
+    }
+
+    /// The codec that stores head `head`'s rows.
+    pub fn codec(&self, head: usize) -> &dyn KvCodec {
+        self.codecs[head].as_ref()
     }
 
     /// Bytes the rows occupy (the theoretical size: ring rows plus f16 sink rows; the
@@ -111,7 +126,7 @@ impl RowStore {
         if !rest.is_empty() {
             for (bytes, n) in self.segments(head, rest) {
                 if n > 0 {
-                    out.push((self.codec.as_ref(), bytes, n));
+                    out.push((self.codec(head), bytes, n));
                 }
             }
         }
@@ -154,14 +169,14 @@ impl RowStore {
             let stored = &self.sink_rows[(head * self.sink + pos) * hd..][..hd];
             SINK_CODEC.dequantize_row(bytemuck::cast_slice(stored), &mut row);
             // sinks hold the codec's domain
-            self.codec.finish_output(&mut row);
+            self.codec(head).finish_output(&mut row);
             emit(&mut row);
         }
         let rest = range.start.max(self.sink)..range.end;
         if !rest.is_empty() {
             for (bytes, n) in self.segments(head, rest) {
                 for r in bytes.chunks_exact(self.row_bytes).take(n) {
-                    self.codec.dequantize_row(r, &mut row);
+                    self.codec(head).dequantize_row(r, &mut row);
                     emit(&mut row);
                 }
             }
@@ -188,7 +203,7 @@ impl RowStore {
         };
         if pos < self.sink {
             let mut domain = [0f32; MAX_HEAD_DIM];
-            self.codec.prepare_query(values, &mut domain[..hd]);
+            self.codec(head).prepare_query(values, &mut domain[..hd]);
             let dst = &mut self.sink_rows[(head * self.sink + pos) * hd..][..hd];
             SINK_CODEC.quantize_row(&domain[..hd], bytemuck::cast_slice_mut(dst));
             return;
@@ -197,8 +212,7 @@ impl RowStore {
         let start = (head * self.capacity + slot) * self.row_bytes;
         let rb = self.row_bytes;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.data);
-        self.codec
-            .quantize_row(values, &mut bytes[start..start + rb]);
+        self.codecs[head].quantize_row(values, &mut bytes[start..start + rb]);
     }
 
     /// Head `head`'s stored mean, if this store centers its rows.
@@ -269,14 +283,23 @@ impl KvCache {
                     0
                 };
                 let (tk, tv) = policy.layers[il];
-                let mean = |ty: CacheType, means: fn(&KvCalibration) -> &Vec<Vec<f32>>| {
-                    calib
-                        .filter(|_| ty.codec().rotates())
-                        .map(|c| means(c)[il].clone())
+                let store = |ty: CacheType, k: bool| {
+                    let codec = ty.codec();
+                    let center = |c: &&KvCalibration| {
+                        codec.rotates() && (c.center || codec.needs_spectrum())
+                    };
+                    let mean = calib
+                        .filter(center)
+                        .map(|c| if k { &c.k_mean } else { &c.v_mean }[il].clone());
+                    let spectra = calib
+                        .filter(|_| codec.needs_spectrum())
+                        .and_then(|c| if k { &c.k_spectra } else { &c.v_spectra }.get(il))
+                        .map(|s| s.as_slice());
+                    RowStore::new(ty, g.n_kv_head, g.head_dim, rows, mean, spectra)
                 };
                 LayerCache {
-                    k: RowStore::new(tk, g.n_kv_head, g.head_dim, rows, mean(tk, |c| &c.k_mean)),
-                    v: RowStore::new(tv, g.n_kv_head, g.head_dim, rows, mean(tv, |c| &c.v_mean)),
+                    k: store(tk, true),
+                    v: store(tv, false),
                     head_dim: g.head_dim,
                     sliding_window: g.sliding_window,
                 }
@@ -340,7 +363,7 @@ mod tests {
 
     #[test]
     fn ring_segments_wrap_and_stay_aligned() {
-        let mut s = RowStore::new(CacheType::F16, 2, 8, 4, None);
+        let mut s = RowStore::new(CacheType::F16, 2, 8, 4, None, None);
         for p in 0..6 {
             s.write(1, p, &[p as f32; 8]);
         }
@@ -349,14 +372,14 @@ mod tests {
         assert_eq!((na, nb), (2, 2));
         let mut got = vec![0f32; 4];
         let q = [1f32; 8];
-        s.codec.dot_rows(8, &q, a, &mut got[..2]);
-        s.codec.dot_rows(8, &q, b, &mut got[2..]);
+        s.codec(1).dot_rows(8, &q, a, &mut got[..2]);
+        s.codec(1).dot_rows(8, &q, b, &mut got[2..]);
         assert_eq!(got, vec![16.0, 24.0, 32.0, 40.0]);
         // an empty range casts like any other run
         let [(e, 0), _] = s.segments(0, 3..3) else {
             panic!()
         };
-        s.codec.dot_rows(8, &q, e, &mut []);
+        s.codec(1).dot_rows(8, &q, e, &mut []);
     }
 
     /// Turbo rows centered on a mean, with the first positions kept exact: scores read through
@@ -366,7 +389,7 @@ mod tests {
     fn centered_turbo_rows_and_sinks_score_like_exact() {
         let hd = 64;
         let mean: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).sin() * 3.0).collect();
-        let mut s = RowStore::new(CacheType::Turbo4, 1, hd, 16, Some(mean.clone()));
+        let mut s = RowStore::new(CacheType::Turbo4, 1, hd, 16, Some(mean.clone()), None);
         let rows: Vec<Vec<f32>> = (0..12)
             .map(|p| {
                 (0..hd)
@@ -379,7 +402,7 @@ mod tests {
         }
         let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.21).cos()).collect();
         let mut qr = vec![0f32; hd];
-        s.codec.prepare_query(&q, &mut qr);
+        s.codec(0).prepare_query(&q, &mut qr);
         let bias: f32 = q.iter().zip(&mean).map(|(a, b)| a * b).sum();
         let mut got = Vec::new();
         for (codec, bytes, n) in s.runs(0, 0..12) {

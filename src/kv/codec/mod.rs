@@ -8,11 +8,14 @@ pub mod planar;
 pub mod q4_0;
 pub mod q8_0;
 pub mod rotor;
+pub mod spectral;
 pub mod turbo;
 pub mod turbo2;
 pub mod turbo3;
 pub mod turbo4;
 pub mod wht;
+
+use super::calibration::Spectrum;
 
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///
@@ -31,6 +34,15 @@ pub trait KvCodec: Send + Sync {
     /// calibrated means and keep the first positions at f16 (`kv::calibration`).
     fn rotates(&self) -> bool {
         false
+    }
+    /// Codecs fitted to each head's statistics (SpectralQuant) need its covariance spectrum
+    /// from calibration; they always center rows.
+    fn needs_spectrum(&self) -> bool {
+        false
+    }
+    /// This codec fitted to one head's spectrum; `None` for codecs that store every head alike.
+    fn fit(&self, _spectrum: &Spectrum) -> Option<Box<dyn KvCodec>> {
+        None
     }
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]);
     /// Back to the original domain (inverse rotation included).

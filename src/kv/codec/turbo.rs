@@ -66,6 +66,11 @@ impl SplitMix {
         (z ^ (z >> 31)) as f64 / 18_446_744_073_709_551_616.0
     }
 
+    /// Approximately N(0, 1): a sum of twelve uniforms, centered.
+    pub fn gaussian(&mut self) -> f64 {
+        (0..12).map(|_| self.next_f64()).sum::<f64>() - 6.0
+    }
+
     /// A uniformly random unit quaternion (Shoemake's method).
     pub fn unit_quaternion(&mut self) -> [f32; 4] {
         let (u1, u2, u3) = (self.next_f64(), self.next_f64(), self.next_f64());
