@@ -27,6 +27,9 @@ fn bits_per_value(ty: CacheType, head_dim: usize) -> f64 {
             3.0 + 16.0 / g
         }
         CacheType::Turbo2 => 2.0 + 16.0 / g,
+        // one f16 per row (group norms come out of the code bits)
+        CacheType::Spectral4 => 4.0 + 16.0 / head_dim as f64,
+        CacheType::Spectral3 => 3.0 + 16.0 / head_dim as f64,
     }
 }
 

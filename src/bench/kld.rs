@@ -159,7 +159,7 @@ impl KlReader {
             p99: pct(0.99),
             max: pct(1.0),
             same_top: self.same_top as f64 / n,
-            ln_ppl_ratio: -self.ln_ratio / n,
+            ln_ppl_ratio: self.ln_ratio / n,
         }
     }
 }
@@ -173,7 +173,8 @@ pub struct KlSummary {
     pub max: f64,
     /// Fraction of positions where both runs rank the same token first.
     pub same_top: f64,
-    /// Mean of ln(p_base(target) / p_this(target))·(-1): ln(PPL(this) / PPL(base)).
+    /// Mean of ln(p_base(target) / p_this(target)) = ln(PPL(this) / PPL(base)): positive when
+    /// this run is worse.
     pub ln_ppl_ratio: f64,
 }
 

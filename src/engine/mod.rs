@@ -6,14 +6,14 @@ pub mod run;
 pub mod sampling;
 pub mod scheduler;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use crate::chat::ChatTemplate;
-use crate::kv::calibration::{CALIBRATION_TEXT, KvCalibration};
+use crate::kv::calibration::{self, CALIBRATION_TEXT, KvCalibration};
 use crate::kv::{CacheType, KvCache, KvPolicy};
 use crate::model::layers::Source;
 use crate::model::{Logits, Model};
@@ -144,11 +144,44 @@ impl Engine {
         let uses_rotation = types().any(|t| t.codec().rotates());
         let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
         if (cfg.kv_centering && uses_rotation) || uses_spectrum {
-            let mut calib = engine.calibrate(uses_spectrum)?;
+            let mut calib = if uses_spectrum {
+                engine.spectral_calibration(&cfg.model)?
+            } else {
+                engine.calibrate(false)?
+            };
             calib.center = cfg.kv_centering;
             engine.calibration = Some(calib);
         }
         Ok(engine)
+    }
+
+    /// SpectralQuant's calibration: read from the file beside the model when it was written for
+    /// these weights, otherwise measured and written there (a read-only location only warns).
+    fn spectral_calibration(&self, model: &Path) -> Result<KvCalibration> {
+        let path = KvCalibration::path_for(model);
+        let fp = calibration::fingerprint(model);
+        if path.exists() {
+            match KvCalibration::load(&path, &fp) {
+                Ok(Some(c)) if c.k_mean.len() == self.model.arch.n_layer => {
+                    eprintln!(
+                        "kv calibration: K/V means and per-head spectra read from {}",
+                        path.display()
+                    );
+                    return Ok(c);
+                }
+                Ok(_) => eprintln!(
+                    "kv calibration: {} was written for other weights; measuring again",
+                    path.display()
+                ),
+                Err(e) => eprintln!("warning: {e:#}; measuring the calibration again"),
+            }
+        }
+        let calib = self.calibrate(true)?;
+        match calib.save(&path, &fp) {
+            Ok(()) => eprintln!("kv calibration: saved to {}", path.display()),
+            Err(e) => eprintln!("warning: could not save the kv calibration: {e:#}"),
+        }
+        Ok(calib)
     }
 
     /// Reads the built-in calibration text with an f32 cache and keeps its K/V means (and with

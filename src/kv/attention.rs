@@ -316,7 +316,10 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                 let h = kvh * g + gi;
                 let src = &q[(ti * s.n_head + h) * hd..][..hd];
                 let r = gi * nb + bi;
-                cache.k.codec(kvh).prepare_query(src, &mut qs[r * hd..][..hd]);
+                cache
+                    .k
+                    .codec(kvh)
+                    .prepare_query(src, &mut qs[r * hd..][..hd]);
                 bias[r] = k_mean.map_or(0.0, |mu| dot_f32(src, mu));
             }
         }

@@ -9,9 +9,13 @@
 //! SpectralQuant also needs each head's covariance spectrum (eigenvalues and eigenvectors of
 //! the centered rows' covariance), measured on the same rows when a spectral type is in use.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::{Context, Result, bail};
 use nalgebra::DMatrix;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::store::KvCache;
 
@@ -134,6 +138,167 @@ impl KvCalibration {
     }
 }
 
+/// Format tag of saved calibrations; a file with another tag is measured again.
+const FILE_FORMAT: &str = "dhurandhar-kv-calibration-1";
+
+impl KvCalibration {
+    /// Where a model's calibration is kept: beside a model file (`M.gguf.kv-calibration`), or
+    /// inside a model directory.
+    pub fn path_for(model: &Path) -> PathBuf {
+        if model.is_dir() {
+            model.join("kv-calibration.safetensors")
+        } else {
+            let mut name = model.as_os_str().to_owned();
+            name.push(".kv-calibration.safetensors");
+            PathBuf::from(name)
+        }
+    }
+
+    /// Writes means and spectra as safetensors: per layer `k.{il}.mean` [n_kv, d],
+    /// `k.{il}.eigenvalues` [n_kv, d], `k.{il}.vt` [n_kv, d, d], and the same for `v`;
+    /// `fingerprint` (the model's) goes in the metadata.
+    pub fn save(&self, path: &Path, fingerprint: &str) -> Result<()> {
+        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (kv, means, spectra) in [
+            ("k", &self.k_mean, &self.k_spectra),
+            ("v", &self.v_mean, &self.v_spectra),
+        ] {
+            let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+            for (il, mean) in means.iter().enumerate() {
+                bufs.push((format!("{kv}.{il}.mean"), vec![mean.len()], bytes(mean)));
+                let Some(specs) = spectra.get(il).filter(|s| !s.is_empty()) else {
+                    continue;
+                };
+                let (h, d) = (specs.len(), specs[0].eigenvalues.len());
+                let eig: Vec<f32> = specs.iter().flat_map(|s| s.eigenvalues.clone()).collect();
+                let vt: Vec<f32> = specs.iter().flat_map(|s| s.vt.iter().copied()).collect();
+                bufs.push((format!("{kv}.{il}.eigenvalues"), vec![h, d], bytes(&eig)));
+                bufs.push((format!("{kv}.{il}.vt"), vec![h, d, d], bytes(&vt)));
+            }
+        }
+        let views = bufs
+            .iter()
+            .map(|(name, shape, data)| {
+                Ok((
+                    name.clone(),
+                    TensorView::new(Dtype::F32, shape.clone(), data)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([
+            ("format".to_string(), FILE_FORMAT.to_string()),
+            ("fingerprint".to_string(), fingerprint.to_string()),
+            ("tokens".to_string(), self.tokens.to_string()),
+            ("layers".to_string(), self.k_mean.len().to_string()),
+        ]);
+        safetensors::serialize_to_file(views, Some(meta), path)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads a file [`save`](Self::save) wrote for the model with `fingerprint`; `None` when it
+    /// was written for another model or format (the caller measures again).
+    pub fn load(path: &Path, fingerprint: &str) -> Result<Option<Self>> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| meta.get(k).map(String::as_str);
+        if get("format") != Some(FILE_FORMAT) || get("fingerprint") != Some(fingerprint) {
+            return Ok(None);
+        }
+        let layers: usize = get("layers").unwrap_or("0").parse()?;
+        let tokens: usize = get("tokens").unwrap_or("0").parse()?;
+        let floats = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+            match st.tensor(name) {
+                Ok(t) => {
+                    if t.dtype() != Dtype::F32 {
+                        bail!("{}: {name} is not f32", path.display());
+                    }
+                    let v = t
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    Ok(Some((t.shape().to_vec(), v)))
+                }
+                Err(_) => Ok(None),
+            }
+        };
+        let mut out = Self {
+            tokens,
+            k_mean: Vec::new(),
+            v_mean: Vec::new(),
+            k_spectra: Vec::new(),
+            v_spectra: Vec::new(),
+            center: true,
+        };
+        for kv in ["k", "v"] {
+            for il in 0..layers {
+                let Some((_, mean)) = floats(&format!("{kv}.{il}.mean"))? else {
+                    bail!("{}: no {kv} mean for layer {il}", path.display());
+                };
+                let specs = match (
+                    floats(&format!("{kv}.{il}.eigenvalues"))?,
+                    floats(&format!("{kv}.{il}.vt"))?,
+                ) {
+                    (Some((shape, eig)), Some((_, vt))) if shape.len() == 2 => {
+                        let (h, d) = (shape[0], shape[1]);
+                        if mean.len() != h * d || eig.len() != h * d || vt.len() != h * d * d {
+                            bail!(
+                                "{}: layer {il} {kv} tensors disagree in shape",
+                                path.display()
+                            );
+                        }
+                        (0..h)
+                            .map(|i| Spectrum {
+                                eigenvalues: eig[i * d..(i + 1) * d].to_vec(),
+                                vt: Arc::new(vt[i * d * d..(i + 1) * d * d].to_vec()),
+                            })
+                            .collect()
+                    }
+                    // Layers that store no K/V (shared-KV tails) have no spectra.
+                    _ => Vec::new(),
+                };
+                let (means, spectra) = if kv == "k" {
+                    (&mut out.k_mean, &mut out.k_spectra)
+                } else {
+                    (&mut out.v_mean, &mut out.v_spectra)
+                };
+                means.push(mean);
+                spectra.push(specs);
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Identifies a model's weights for a saved calibration: name and size of the file, or of every
+/// file in the directory.
+pub fn fingerprint(model: &Path) -> String {
+    let entry = |p: &Path| {
+        let len = std::fs::metadata(p).map_or(0, |m| m.len());
+        format!(
+            "{}:{len}",
+            p.file_name().unwrap_or_default().to_string_lossy()
+        )
+    };
+    if model.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(model)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| {
+            p.extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+        });
+        files.retain(|p| !p.ends_with("kv-calibration.safetensors"));
+        files.sort();
+        files.iter().map(|p| entry(p)).collect::<Vec<_>>().join(",")
+    } else {
+        entry(model)
+    }
+}
+
 /// Covariance [d, d] of `rows` [n, d] around `mean`.
 fn covariance(rows: &[f32], mean: &[f32]) -> Vec<f64> {
     let d = mean.len();
@@ -163,6 +328,37 @@ fn covariance(rows: &[f32], mean: &[f32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_calibration_reads_back_and_refuses_another_model() {
+        let d = 4;
+        let spec = |k: f32| Spectrum {
+            eigenvalues: vec![4.0 * k, 3.0, 2.0, 1.0],
+            vt: Arc::new(
+                (0..d * d)
+                    .map(|i| (i % (d + 1) == 0) as u8 as f32)
+                    .collect(),
+            ),
+        };
+        let calib = KvCalibration {
+            tokens: 99,
+            k_mean: vec![vec![0.5; 2 * d], vec![]],
+            v_mean: vec![vec![-0.5; 2 * d], vec![]],
+            k_spectra: vec![vec![spec(1.0), spec(2.0)], vec![]],
+            v_spectra: vec![vec![spec(3.0), spec(4.0)], vec![]],
+            center: true,
+        };
+        let dir = std::env::temp_dir().join(format!("dh-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.kv-calibration.safetensors");
+        calib.save(&path, "m.gguf:123").unwrap();
+        let back = KvCalibration::load(&path, "m.gguf:123").unwrap().unwrap();
+        assert_eq!(back, calib);
+        assert!(KvCalibration::load(&path, "m.gguf:124").unwrap().is_none());
+        std::fs::write(&path, b"not safetensors").unwrap();
+        assert!(KvCalibration::load(&path, "m.gguf:123").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Rows drawn along known axes with known variances: the spectrum recovers them, and the
     /// eigenvectors are orthonormal.

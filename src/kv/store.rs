@@ -93,6 +93,11 @@ impl RowStore {
         }
     }
 
+    /// Bytes of the codecs' per-head state (SpectralQuant's bases), beside [`bytes`](Self::bytes).
+    pub fn state_bytes(&self) -> usize {
+        self.codecs.iter().map(|c| c.state_bytes()).sum()
+    }
+
     /// The codec that stores head `head`'s rows.
     pub fn codec(&self, head: usize) -> &dyn KvCodec {
         self.codecs[head].as_ref()
@@ -344,8 +349,18 @@ impl KvCache {
     pub fn describe(&self) -> String {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         let kinds = |f: fn(&LayerCache) -> CacheType| KvPolicy::summary(self.layers.iter().map(f));
+        let state: usize = self
+            .layers
+            .iter()
+            .map(|l| l.k.state_bytes() + l.v.state_bytes())
+            .sum();
+        let state = if state > 0 {
+            format!(", + {:.2} MiB of fitted bases", mib(state))
+        } else {
+            String::new()
+        };
         format!(
-            "kv cache: size = {:.2} MiB ({} cells, {} layers), K ({}): {:.2} MiB, V ({}): {:.2} MiB",
+            "kv cache: size = {:.2} MiB ({} cells, {} layers), K ({}): {:.2} MiB, V ({}): {:.2} MiB{state}",
             mib(self.k_bytes() + self.v_bytes()),
             self.n_ctx,
             self.layers.len(),

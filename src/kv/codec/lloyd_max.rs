@@ -222,9 +222,18 @@ mod tests {
     /// 0.009497 (4); each extra bit divides the error by about four.
     #[test]
     fn normal_mse_matches_published_values() {
-        for (bits, want) in [(0, 1.0), (1, 0.3634), (2, 0.1175), (3, 0.03454), (4, 0.009497)] {
+        for (bits, want) in [
+            (0, 1.0),
+            (1, 0.3634),
+            (2, 0.1175),
+            (3, 0.03454),
+            (4, 0.009497),
+        ] {
             let got = normal_mse(bits);
-            assert!((got - want).abs() / want < 2e-3, "{bits} bits: {got} vs {want}");
+            assert!(
+                (got - want).abs() / want < 2e-3,
+                "{bits} bits: {got} vs {want}"
+            );
         }
         for b in 4..MAX_BITS {
             let ratio = normal_mse(b) / normal_mse(b + 1);

@@ -44,6 +44,10 @@ pub trait KvCodec: Send + Sync {
     fn fit(&self, _spectrum: &Spectrum) -> Option<Box<dyn KvCodec>> {
         None
     }
+    /// Bytes of per-head state beside the rows (a fitted basis); 0 for most codecs.
+    fn state_bytes(&self) -> usize {
+        0
+    }
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]);
     /// Back to the original domain (inverse rotation included).
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]);

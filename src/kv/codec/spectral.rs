@@ -62,7 +62,10 @@ impl Fit {
         let total: f64 = eigenvalues.iter().map(|&l| l.max(0.0) as f64).sum();
         // A head that never varied (or no calibration): every direction alike.
         let lambda: Vec<f64> = if total > 0.0 {
-            eigenvalues.iter().map(|&l| l.max(0.0) as f64 / total).collect()
+            eigenvalues
+                .iter()
+                .map(|&l| l.max(0.0) as f64 / total)
+                .collect()
         } else {
             vec![1.0 / d as f64; d]
         };
@@ -72,9 +75,7 @@ impl Fit {
         let (lo, hi) = (bits as u8 - 1, bits as u8 + 1);
         let mut widths = water_fill(row_bits, &lambda, lo, hi);
         for _ in 0..MAX_BITS {
-            let n_groups = (1..=MAX_BITS as u8)
-                .filter(|w| widths.contains(w))
-                .count();
+            let n_groups = (1..=MAX_BITS as u8).filter(|w| widths.contains(w)).count();
             let budget = row_bits.saturating_sub(16 * n_groups.saturating_sub(1));
             if widths.iter().map(|&w| w as usize).sum::<usize>() <= budget {
                 break;
@@ -115,7 +116,11 @@ impl Fit {
                 start: m.len() / d - g,
                 len: g,
                 width: w,
-                lut: lloyd_max::normal(w as u32).centroids.iter().map(|c| c * s).collect(),
+                lut: lloyd_max::normal(w as u32)
+                    .centroids
+                    .iter()
+                    .map(|c| c * s)
+                    .collect(),
             });
         }
         Self { vt: m, groups }
@@ -123,7 +128,8 @@ impl Fit {
 
     /// The identity-basis, equal-width fit for head_dim `d`, built once per (bits, d).
     fn uniform(bits: u32, d: usize) -> Arc<Fit> {
-        static CACHE: OnceLock<Mutex<Vec<(u32, usize, Arc<Fit>)>>> = OnceLock::new();
+        type Fits = Vec<(u32, usize, Arc<Fit>)>;
+        static CACHE: OnceLock<Mutex<Fits>> = OnceLock::new();
         let mut all = CACHE
             .get_or_init(Default::default)
             .lock()
@@ -257,6 +263,13 @@ impl<const BITS: u32> KvCodec for Spectral<BITS> {
         }))
     }
 
+    /// The fitted basis and tables (the identity fit is shared by all, so counts nothing).
+    fn state_bytes(&self) -> usize {
+        self.fit.as_ref().map_or(0, |f| {
+            4 * (f.vt.len() + f.groups.iter().map(|g| g.lut.len()).sum::<usize>())
+        })
+    }
+
     fn quantize_row(&self, src: &[f32], dst: &mut [u8]) {
         let d = src.len();
         let fit = self.fitted(d);
@@ -340,10 +353,17 @@ mod tests {
         let code_bits: usize = fit.groups.iter().map(|g| g.len * g.width as usize).sum();
         // codes and the extra group norms fill the row's budget, never more
         let norm_bits = 16 * (fit.groups.len() - 1);
-        assert!(code_bits + norm_bits <= 3 * 128, "{code_bits} + {norm_bits}");
+        assert!(
+            code_bits + norm_bits <= 3 * 128,
+            "{code_bits} + {norm_bits}"
+        );
         assert!(code_bits + norm_bits > 3 * 128 - 16);
         let widths: Vec<u8> = fit.groups.iter().map(|g| g.width).collect();
-        assert_eq!(widths, [4, 3, 2], "top directions get a bit more, the flattest a bit less");
+        assert_eq!(
+            widths,
+            [4, 3, 2],
+            "top directions get a bit more, the flattest a bit less"
+        );
     }
 
     /// Rows with most of their energy in a few directions (a rotated, steeply decaying spectrum,
@@ -400,7 +420,11 @@ mod tests {
             for x in &anis {
                 c.quantize_row(x, &mut buf);
                 c.dequantize_row(&buf, &mut back);
-                err += x.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+                err += x
+                    .iter()
+                    .zip(&back)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>();
                 tot += x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
             }
             err / tot
@@ -417,7 +441,10 @@ mod tests {
         fitted.prepare_query(q, &mut qr);
         let want: f32 = q.iter().zip(&y).map(|(a, b)| a * b).sum();
         let got = fitted.dot(&qr, &row);
-        assert!((want - got).abs() < 1e-3 * (1.0 + want.abs()), "{want} vs {got}");
+        assert!(
+            (want - got).abs() < 1e-3 * (1.0 + want.abs()),
+            "{want} vs {got}"
+        );
         let mut acc = vec![0f32; d];
         fitted.axpy(0.5, &row, &mut acc);
         fitted.finish_output(&mut acc);
