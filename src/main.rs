@@ -286,6 +286,10 @@ struct ModelArgs {
     /// exact sink rows.
     #[arg(long)]
     no_kv_centering: bool,
+    /// SpectralQuant's calibration file (per-head bases): read if it was written for these
+    /// weights, else measured and written there. Default: beside the model.
+    #[arg(long, value_name = "FILE")]
+    kv_calibration: Option<PathBuf>,
     /// Per-layer embeddings (Gemma 4): read rows from the mapped file, or copy the table into memory.
     #[arg(long, value_enum, default_value = "mmap")]
     ple: PleMode,
@@ -460,6 +464,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     )?;
     let mut all = devices::builtin()?;
     all.push(devices::host()?);
+    all.extend(devices::cuda());
     if let Some(d) = &a.device {
         all.retain(|x| &x.name == d);
         anyhow::ensure!(
@@ -482,11 +487,19 @@ fn plan(a: &PlanArgs) -> Result<()> {
 fn select_cmd(a: &SelectArgs) -> Result<()> {
     use dhurandhar::plan::{devices, profile, select};
     let model = profile::resolve(&a.model)?;
-    let memory = match a.memory_mb {
-        Some(m) => m,
-        None => devices::host()?.app_budget_mb,
+    let (memory, source) = match a.memory_mb {
+        Some(m) => (m, "--memory-mb".to_string()),
+        None => {
+            let d = devices::detected()?;
+            let source = format!(
+                "detected {}: {:.0} MiB free of {:.0} MiB",
+                d.name, d.app_budget_mb, d.ram_mb
+            );
+            (d.app_budget_mb, source)
+        }
     };
-    let s = select::select(&model, a.ctx_size, memory, a.headroom)?;
+    let mut s = select::select(&model, a.ctx_size, memory, a.headroom)?;
+    s.reasoning.insert(0, source);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -544,6 +557,7 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
                 cache_type_v: KvType::Fixed(CacheType::F32),
                 kv_layer_policy: None,
                 no_kv_centering: true,
+                kv_calibration: None,
                 ple: PleMode::Mmap,
                 threads: a.threads,
                 chat_template: None,
@@ -712,6 +726,7 @@ impl ModelArgs {
             kv_layer_policy: self.kv_layer_policy.clone(),
             kv_centering: !self.no_kv_centering,
             ple_resident: self.ple == PleMode::Resident,
+            kv_calibration: self.kv_calibration.clone(),
         })
     }
 }
@@ -743,6 +758,12 @@ fn main() -> ExitCode {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Offline commands end quietly when their reader goes away (`dh-server plan | head`),
+        // as Unix tools do; the server keeps Rust's ignored SIGPIPE and sees EPIPE per socket.
+        // SAFETY: restoring a signal's default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Serve(a) => serve(&a),
         Command::Run(a) => a.model.engine().and_then(|e| {

@@ -51,6 +51,7 @@ fn plan_kv_equals_what_the_engine_allocates() {
                 kv_layer_policy: policy.map(str::to_string),
                 kv_centering: true,
                 ple_resident: false,
+                kv_calibration: None,
             })
             .unwrap();
             let cache = engine.alloc_cache(8192).unwrap();

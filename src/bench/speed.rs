@@ -85,6 +85,7 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                     kv_layer_policy: cfg.kv_layer_policy.clone(),
                     kv_centering: cfg.kv_centering,
                     ple_resident: cfg.ple_resident,
+                    kv_calibration: None,
                 })?;
                 let mut cache = engine.new_cache(n_ctx)?;
                 let kv_bytes = cache.k_bytes() + cache.v_bytes();

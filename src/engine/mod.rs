@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub kv_centering: bool,
     /// Copy the per-layer embedding table into memory instead of reading it from the map.
     pub ple_resident: bool,
+    /// Where SpectralQuant's calibration is read from and saved to (`--kv-calibration`);
+    /// `None`: beside the model ([`KvCalibration::path_for`]).
+    pub kv_calibration: Option<PathBuf>,
 }
 
 pub struct Engine {
@@ -145,7 +148,11 @@ impl Engine {
         let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
         if (cfg.kv_centering && uses_rotation) || uses_spectrum {
             let mut calib = if uses_spectrum {
-                engine.spectral_calibration(&cfg.model)?
+                let path = cfg
+                    .kv_calibration
+                    .clone()
+                    .unwrap_or_else(|| KvCalibration::path_for(&cfg.model));
+                engine.spectral_calibration(&cfg.model, &path)?
             } else {
                 engine.calibrate(false)?
             };
@@ -157,11 +164,10 @@ impl Engine {
 
     /// SpectralQuant's calibration: read from the file beside the model when it was written for
     /// these weights, otherwise measured and written there (a read-only location only warns).
-    fn spectral_calibration(&self, model: &Path) -> Result<KvCalibration> {
-        let path = KvCalibration::path_for(model);
+    fn spectral_calibration(&self, model: &Path, path: &Path) -> Result<KvCalibration> {
         let fp = calibration::fingerprint(model);
         if path.exists() {
-            match KvCalibration::load(&path, &fp) {
+            match KvCalibration::load(path, &fp) {
                 Ok(Some(c)) if c.k_mean.len() == self.model.arch.n_layer => {
                     eprintln!(
                         "kv calibration: K/V means and per-head spectra read from {}",
@@ -177,7 +183,7 @@ impl Engine {
             }
         }
         let calib = self.calibrate(true)?;
-        match calib.save(&path, &fp) {
+        match calib.save(path, &fp) {
             Ok(()) => eprintln!("kv calibration: saved to {}", path.display()),
             Err(e) => eprintln!("warning: could not save the kv calibration: {e:#}"),
         }

@@ -43,6 +43,35 @@ pub fn host() -> Result<Device> {
     })
 }
 
+/// The first CUDA GPU, through the driver: total memory and what is free now as the budget.
+/// `None` without a GPU or driver, and in builds without the `cuda` feature.
+pub fn cuda() -> Option<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        let ctx = cudarc::driver::CudaContext::new(0).ok()?;
+        let (free, total) = ctx.mem_get_info().ok()?;
+        let name = ctx.name().unwrap_or_default();
+        Some(Device {
+            name: format!("cuda:0 {name}").trim_end().to_string(),
+            ram_mb: total as f64 / MIB,
+            app_budget_mb: free as f64 / MIB,
+            flash_seq_mbps: None,
+            flash_rand4k_us: None,
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Where a model would be served: the CUDA GPU when this build has one to use, else this
+/// machine's RAM. (Metal's working-set size needs a macOS build; not detected here.)
+pub fn detected() -> Result<Device> {
+    match cuda() {
+        Some(gpu) => Ok(gpu),
+        None => host(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub device: String,

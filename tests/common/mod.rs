@@ -51,8 +51,19 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dh-server"))
 }
 
+/// A SpectralQuant calibration file for `model` under the build's scratch directory.
+pub fn scratch_calibration(model: &std::path::Path) -> PathBuf {
+    let name: String = model
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.kv-calibration.safetensors"))
+}
+
 /// Loads `model` for `n_ctx` tokens with one cache type for every layer's K and V.
 pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
+    let model_name = model.clone();
     Engine::load(&EngineConfig {
         model,
         n_ctx,
@@ -62,6 +73,8 @@ pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
         kv_layer_policy: Some("uniform".into()),
         kv_centering: true,
         ple_resident: false,
+        // SpectralQuant's calibration goes to the build's scratch space, not beside shared fixtures.
+        kv_calibration: Some(scratch_calibration(&model_name)),
     })
     .unwrap()
 }
