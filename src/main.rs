@@ -45,6 +45,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Needle in a haystack: recall of a fact placed early in a long context, per cache type.
     Needle(NeedleArgs),
+    /// Random-weight llama GGUF with a real model's shapes (llama-8b, llama-1b), for speed runs.
+    Synth(SynthArgs),
 }
 
 #[derive(Args)]
@@ -157,6 +159,22 @@ struct ConvertArgs {
     input: PathBuf,
     /// GGUF file to write.
     output: PathBuf,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// GGUF file to write.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Model shape: llama-8b (Llama 3.1 8B) or llama-1b (Llama 3.2 1B).
+    #[arg(long, default_value = "llama-8b")]
+    shape: String,
+    /// Weight format, as llama-quantize names it.
+    #[arg(long = "type", value_enum, default_value = "q4_k_m")]
+    weight_type: dhurandhar::bench::synth::WeightType,
+    /// Fewer layers than the shape has (quick runs).
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 #[derive(Args)]
@@ -788,6 +806,10 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan(&a),
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
+        Command::Synth(a) => {
+            use dhurandhar::bench::synth;
+            synth::shape(&a.shape).and_then(|s| synth::write(&a.output, s, a.layers, a.weight_type))
+        }
         Command::Convert(a) => {
             dhurandhar::model::convert::hf_to_gguf(&a.input, &a.output).map(|()| {
                 eprintln!("wrote {}", a.output.display());

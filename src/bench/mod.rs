@@ -5,3 +5,4 @@ pub mod kld;
 pub mod needle;
 pub mod perplexity;
 pub mod speed;
+pub mod synth;
