@@ -47,6 +47,9 @@ enum Command {
     Needle(NeedleArgs),
     /// Random-weight llama GGUF with a real model's shapes (llama-8b, llama-1b), for speed runs.
     Synth(SynthArgs),
+    /// The CUDA kernels against the CPU codecs on the same bytes, and their speed.
+    #[cfg(feature = "cuda")]
+    CudaCheck(CudaCheckArgs),
 }
 
 #[derive(Args)]
@@ -159,6 +162,21 @@ struct ConvertArgs {
     input: PathBuf,
     /// GGUF file to write.
     output: PathBuf,
+}
+
+#[cfg(feature = "cuda")]
+#[derive(Args)]
+struct CudaCheckArgs {
+    /// Rows in the cache (one head).
+    #[arg(long, default_value_t = 32768)]
+    rows: usize,
+    #[arg(long, default_value = "64,128,256", value_delimiter = ',')]
+    head_dim: Vec<usize>,
+    /// Queries per KV head (the GQA group).
+    #[arg(long, default_value_t = 4)]
+    queries: usize,
+    #[arg(long, default_value_t = 100)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -806,6 +824,12 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan(&a),
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
+        #[cfg(feature = "cuda")]
+        Command::CudaCheck(a) => a.head_dim.iter().try_for_each(|&d| {
+            let r = dhurandhar::kv::cuda::check(a.rows, d, a.queries, a.reps)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
         Command::Synth(a) => {
             use dhurandhar::bench::synth;
             synth::shape(&a.shape).and_then(|s| synth::write(&a.output, s, a.layers, a.weight_type))

@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod calibration;
 pub mod codec;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod policy;
 pub mod store;
 
