@@ -175,6 +175,9 @@ struct CudaCheckArgs {
     /// Queries per KV head (the GQA group).
     #[arg(long, default_value_t = 4)]
     queries: usize,
+    /// KV heads in the fused attention check (one layer).
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
     #[arg(long, default_value_t = 100)]
     reps: usize,
 }
@@ -826,8 +829,13 @@ fn main() -> ExitCode {
         Command::MmapProfile(a) => mmap_profile(&a),
         #[cfg(feature = "cuda")]
         Command::CudaCheck(a) => a.head_dim.iter().try_for_each(|&d| {
-            let r = dhurandhar::kv::cuda::check(a.rows, d, a.queries, a.reps)?;
+            use dhurandhar::kv::cuda;
+            let r = cuda::check(a.rows, d, a.queries, a.reps)?;
             println!("{}", serde_json::to_string(&r)?);
+            if d <= 256 {
+                let r = cuda::check_attention(a.kv_heads, a.queries, a.rows, d, a.reps)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
             Ok(())
         }),
         Command::Synth(a) => {

@@ -26,6 +26,28 @@ pub struct Turbo4Kernels {
     pub stream: Arc<CudaStream>,
     scores: CudaFunction,
     axpy: CudaFunction,
+    attn_partial: CudaFunction,
+    attn_merge: CudaFunction,
+}
+
+/// Rows per flash-decoding slice (`SPLIT_MAX` in the kernel).
+pub const SPLIT: usize = 256;
+
+/// One layer's decode attention on the GPU: K and V rows of every KV head (head-major, `n`
+/// rows each), the prepared and pre-scaled queries [n_kv, n_q, d], partials and output.
+pub struct DeviceLayer {
+    pub n_kv: usize,
+    pub n_q: usize,
+    pub n: usize,
+    pub d: usize,
+    k_rows: CudaSlice<u8>,
+    v_rows: CudaSlice<u8>,
+    queries: CudaSlice<f32>,
+    codebook: CudaSlice<f32>,
+    part_max: CudaSlice<f32>,
+    part_sum: CudaSlice<f32>,
+    part_acc: CudaSlice<f32>,
+    pub out: CudaSlice<f32>,
 }
 
 /// Rows, queries and weights resident on the GPU, for one head.
@@ -44,6 +66,10 @@ pub struct DeviceHead {
 impl Turbo4Kernels {
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = CudaContext::new(ordinal).context("opening the CUDA device")?;
+        // Everything runs on one stream, so cudarc's cross-stream events (recorded per buffer
+        // argument on every launch) only add latency.
+        // SAFETY: no buffer of this context is used from a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let module = ctx
             .load_module(Ptx::from_src(TURBO4_PTX))
             .context("loading the turbo4 kernels")?;
@@ -51,7 +77,90 @@ impl Turbo4Kernels {
             stream: ctx.default_stream(),
             scores: module.load_function("turbo4_scores")?,
             axpy: module.load_function("turbo4_axpy")?,
+            attn_partial: module.load_function("turbo4_attn_partial")?,
+            attn_merge: module.load_function("turbo4_attn_merge")?,
         })
+    }
+
+    pub fn upload_layer(
+        &self,
+        (n_kv, n_q, d): (usize, usize, usize),
+        k_rows: &[u8],
+        v_rows: &[u8],
+        q: &[f32],
+    ) -> Result<DeviceLayer> {
+        if n_q == 0 || n_q > MAX_QUERIES || d > 256 || !d.is_multiple_of(64) {
+            bail!(
+                "turbo4 attention takes 1..={MAX_QUERIES} queries per KV head and head_dim 64..=256"
+            );
+        }
+        let rb = Turbo4Codec::default().bytes_per_row(d);
+        let n = k_rows.len() / (rb * n_kv);
+        let n_split = n.div_ceil(SPLIT).max(1);
+        let cb = &lloyd_max::turbo(group_width(d), 4).centroids;
+        let s = &self.stream;
+        Ok(DeviceLayer {
+            n_kv,
+            n_q,
+            n,
+            d,
+            k_rows: s.clone_htod(k_rows)?,
+            v_rows: s.clone_htod(v_rows)?,
+            queries: s.clone_htod(q)?,
+            codebook: s.clone_htod(cb.as_slice())?,
+            part_max: s.alloc_zeros(n_kv * n_split * n_q)?,
+            part_sum: s.alloc_zeros(n_kv * n_split * n_q)?,
+            part_acc: s.alloc_zeros(n_kv * n_split * n_q * d)?,
+            out: s.alloc_zeros(n_kv * n_q * d)?,
+        })
+    }
+
+    /// `layer.out` = softmax(q·Kᵀ)·V per query, in V's rotated domain: one block per KV head
+    /// and slice of [`SPLIT`] rows, then a merge of the slices.
+    pub fn attention(&self, layer: &mut DeviceLayer) -> Result<()> {
+        let rb = Turbo4Codec::default().bytes_per_row(layer.d);
+        let n_split = layer.n.div_ceil(SPLIT).max(1);
+        let (n_q, n, d) = (layer.n_q as i32, layer.n as i32, layer.d as i32);
+        let (rb_i, stride, split) = (rb as i32, (rb * layer.n) as i64, SPLIT as i32);
+        let mut b = self.stream.launch_builder(&self.attn_partial);
+        b.arg(&layer.queries)
+            .arg(&layer.k_rows)
+            .arg(&layer.v_rows)
+            .arg(&layer.codebook)
+            .arg(&mut layer.part_max)
+            .arg(&mut layer.part_sum)
+            .arg(&mut layer.part_acc)
+            .arg(&n_q)
+            .arg(&n)
+            .arg(&d)
+            .arg(&rb_i)
+            .arg(&stride)
+            .arg(&split);
+        let cfg = LaunchConfig {
+            grid_dim: (layer.n_kv as u32, n_split as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `turbo4_attn_partial`; partials hold
+        // n_kv · n_split slots.
+        unsafe { b.launch(cfg) }?;
+        let n_split_i = n_split as i32;
+        let mut b = self.stream.launch_builder(&self.attn_merge);
+        b.arg(&layer.part_max)
+            .arg(&layer.part_sum)
+            .arg(&layer.part_acc)
+            .arg(&mut layer.out)
+            .arg(&n_q)
+            .arg(&d)
+            .arg(&n_split_i);
+        let cfg = LaunchConfig {
+            grid_dim: (layer.n_kv as u32, 1, 1),
+            block_dim: (layer.d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above, for `turbo4_attn_merge`.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
     }
 
     /// Uploads `rows` (turbo4 bytes, `d` values each), prepared queries `q` [n_q, d] and
@@ -128,6 +237,93 @@ impl Turbo4Kernels {
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
+}
+
+/// What `cuda-check` found for one layer's fused decode attention.
+#[derive(Debug, serde::Serialize)]
+pub struct AttentionReport {
+    pub kv_heads: usize,
+    pub queries_per_kv_head: usize,
+    pub context: usize,
+    pub head_dim: usize,
+    /// max |gpu − cpu| / max |cpu| over the outputs.
+    pub rel_err: f64,
+    pub us: f64,
+    /// K and V bytes read per second.
+    pub gbps: f64,
+}
+
+/// A layer of `n_kv` heads × `n` turbo4 rows written by the CPU codec; the GPU's fused
+/// attention against softmax(q·Kᵀ)·V computed with the codec's CPU paths.
+pub fn check_attention(
+    n_kv: usize,
+    n_q: usize,
+    n: usize,
+    d: usize,
+    reps: usize,
+) -> Result<AttentionReport> {
+    let codec = Turbo4Codec::default();
+    let rb = codec.bytes_per_row(d);
+    let mut rng = super::codec::turbo::SplitMix(0xA77E);
+    let mut x = vec![0f32; d];
+    let mut rows = |rng: &mut super::codec::turbo::SplitMix| {
+        let mut r = vec![0u8; n_kv * n * rb];
+        for row in r.chunks_exact_mut(rb) {
+            x.iter_mut().for_each(|v| *v = rng.gaussian() as f32);
+            codec.quantize_row(&x, row);
+        }
+        r
+    };
+    let (k_rows, v_rows) = (rows(&mut rng), rows(&mut rng));
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut q = vec![0f32; n_kv * n_q * d];
+    let mut raw = vec![0f32; d];
+    for qi in q.chunks_exact_mut(d) {
+        raw.iter_mut()
+            .for_each(|v| *v = 2.0 * rng.gaussian() as f32 * scale);
+        codec.prepare_query(&raw, qi);
+    }
+    let mut want = vec![0f32; n_kv * n_q * d];
+    for h in 0..n_kv {
+        let qs = &q[h * n_q * d..(h + 1) * n_q * d];
+        let mut w = vec![0f32; n_q * n];
+        codec.dot_rows(d, qs, &k_rows[h * n * rb..(h + 1) * n * rb], &mut w);
+        for row in w.chunks_exact_mut(n) {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|s| *s = (*s - m).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|s| *s /= sum);
+        }
+        let out = &mut want[h * n_q * d..(h + 1) * n_q * d];
+        codec.axpy_rows(d, &w, &v_rows[h * n * rb..(h + 1) * n * rb], out);
+    }
+    let k = Turbo4Kernels::new(0)?;
+    let mut layer = k.upload_layer((n_kv, n_q, d), &k_rows, &v_rows, &q)?;
+    k.attention(&mut layer)?;
+    let got = k.stream.clone_dtoh(&layer.out)?;
+    let top = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / top;
+    k.stream.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        k.attention(&mut layer)?;
+    }
+    k.stream.synchronize()?;
+    let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    Ok(AttentionReport {
+        kv_heads: n_kv,
+        queries_per_kv_head: n_q,
+        context: n,
+        head_dim: d,
+        rel_err: err as f64,
+        us,
+        gbps: (2 * n_kv * n * rb) as f64 / (us * 1e-6) / 1e9,
+    })
 }
 
 /// What `cuda-check` found: largest differences from the CPU codec and kernel times.
