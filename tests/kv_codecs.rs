@@ -59,3 +59,52 @@ fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
         "KLD should grow as bits shrink: {kld:?}"
     );
 }
+
+/// SpectralQuant through the binary: the first load measures each head's spectrum and saves
+/// it, the second reads it back and generates the same tokens; and its perplexity loss stays
+/// under the fork's turbo4 loss (+10.9% over 40 chunks).
+#[test]
+fn spectral_calibration_is_saved_reused_and_spectral4_beats_the_forks_turbo4() {
+    let calib = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("smollm2-kv-codecs.kv-calibration.safetensors");
+    let _ = std::fs::remove_file(&calib);
+    let generate = || {
+        let out = std::process::Command::new(common::bin())
+            .args([
+                "run",
+                "-p",
+                "The capital of France is",
+                "-n",
+                "8",
+                "--temp",
+                "0",
+            ])
+            .args(["-ctk", "spectral4", "-ctv", "spectral3", "-m"])
+            .arg(common::smollm2())
+            .arg("--kv-calibration")
+            .arg(&calib)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+    };
+    let (first, log1) = generate();
+    assert!(log1.contains("kv calibration: saved to"), "{log1}");
+    assert!(log1.contains("fitted bases"), "{log1}");
+    let (second, log2) = generate();
+    assert!(log2.contains("per-head spectra read from"), "{log2}");
+    assert_eq!(first, second);
+
+    let base = std::env::temp_dir().join(format!("dh-spectral-{}.kld", std::process::id()));
+    let (f16, _) = run(CacheType::F16, KlMode::WriteBase(&base));
+    let (ppl, kld) = run(CacheType::Spectral4, KlMode::Compare(&base));
+    std::fs::remove_file(&base).unwrap();
+    let rel = ppl / f16 - 1.0;
+    eprintln!(
+        "spectral4: PPL {ppl:.4} ({:+.2}% vs f16), mean KLD {:.5}",
+        100.0 * rel,
+        kld.unwrap()
+    );
+    assert!(rel < 0.109, "spectral4 loses {:+.2}%", 100.0 * rel);
+}
