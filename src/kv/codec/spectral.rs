@@ -82,6 +82,11 @@ impl Fit {
             }
             widths = water_fill(budget, &lambda, lo, hi);
         }
+        let groups_bits = 16 * (1..=MAX_BITS as u8).filter(|w| widths.contains(w)).count();
+        if widths.iter().map(|&w| w as usize).sum::<usize>() + groups_bits > row_bits + 16 {
+            // Never seen (the loop above settles in one or two rounds); one group always fits.
+            widths = vec![bits as u8; d];
+        }
         let basis_row = |i: usize| -> Vec<f32> {
             match vt {
                 Some(vt) => vt[i * d..(i + 1) * d].to_vec(),
