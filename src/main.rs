@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use dhurandhar::bench::perplexity::{KlMode, perplexity};
 use dhurandhar::engine::run::{RunOptions, run};
 use dhurandhar::engine::sampling::SamplingParams;
-use dhurandhar::engine::{Engine, EngineConfig};
+use dhurandhar::engine::{DeviceChoice, Engine, EngineConfig};
 use dhurandhar::kv::{CacheType, KvPolicy};
 
 #[derive(Parser)]
@@ -180,6 +180,17 @@ struct CudaCheckArgs {
     kv_heads: usize,
     #[arg(long, default_value_t = 100)]
     reps: usize,
+    /// Instead of the kernel checks: run these models (comma list) on the CPU and on the GPU
+    /// with the same tokens and compare logits, per --cache-types.
+    #[arg(short = 'm', long, value_delimiter = ',')]
+    model: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "f16,turbo4,turbo3")]
+    cache_types: Vec<CacheType>,
+    /// Prompt tokens (fed in two chunks) and greedy decode steps for --model.
+    #[arg(long, default_value_t = 48)]
+    prompt: usize,
+    #[arg(long, default_value_t = 24)]
+    steps: usize,
 }
 
 #[derive(Args)]
@@ -267,6 +278,12 @@ struct BenchArgs {
     /// Accepted for llama-bench compatibility: attention always runs fused here (fa = 1).
     #[arg(long = "flash-attn")]
     flash_attn: Option<String>,
+    /// Run on this device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// llama-bench's layer offload (≥ the layer count: the GPU; 0: the CPU).
+    #[arg(long = "n-gpu-layers")]
+    n_gpu_layers: Option<usize>,
     /// Repetitions per test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -335,6 +352,13 @@ struct ModelArgs {
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Run on this device: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// llama.cpp's layer offload: any N ≥ the layer count (e.g. 99) runs the model on cuda:0;
+    /// 0 on the CPU. Partial offload is refused.
+    #[arg(long = "n-gpu-layers")]
+    n_gpu_layers: Option<usize>,
     /// Jinja chat template overriding the model's own (a string, or @file).
     #[arg(long)]
     chat_template: Option<String>,
@@ -461,6 +485,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
         kv_layer_policy: a.kv_layer_policy.clone(),
         kv_centering: !a.no_kv_centering,
         ple_resident: a.ple == PleMode::Resident,
+        device: DeviceChoice::resolve(a.device, a.n_gpu_layers),
+        n_gpu_layers: a.n_gpu_layers,
     };
     let mut stdout = std::io::stdout();
     match a.output {
@@ -599,6 +625,8 @@ fn codecs(a: &CodecsArgs) -> Result<()> {
                 kv_calibration: None,
                 ple: PleMode::Mmap,
                 threads: a.threads,
+                device: None,
+                n_gpu_layers: None,
                 chat_template: None,
                 jinja: false,
             }
@@ -766,6 +794,8 @@ impl ModelArgs {
             kv_centering: !self.no_kv_centering,
             ple_resident: self.ple == PleMode::Resident,
             kv_calibration: self.kv_calibration.clone(),
+            device: DeviceChoice::resolve(self.device, self.n_gpu_layers),
+            n_gpu_layers: self.n_gpu_layers,
         })
     }
 }
@@ -827,6 +857,18 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan(&a),
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
+        #[cfg(feature = "cuda")]
+        #[cfg(feature = "cuda")]
+        Command::CudaCheck(a) if !a.model.is_empty() => a.model.iter().try_for_each(|m| {
+            a.cache_types.iter().try_for_each(|&ty| {
+                use dhurandhar::bench::gpu_parity;
+                let r = gpu_parity::check_layer(m, ty)?;
+                println!("{}", serde_json::to_string(&r)?);
+                let r = gpu_parity::check(m, ty, a.prompt, a.steps)?;
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            })
+        }),
         #[cfg(feature = "cuda")]
         Command::CudaCheck(a) => a.head_dim.iter().try_for_each(|&d| {
             use dhurandhar::kv::cuda;

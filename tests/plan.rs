@@ -52,6 +52,8 @@ fn plan_kv_equals_what_the_engine_allocates() {
                 kv_centering: true,
                 ple_resident: false,
                 kv_calibration: None,
+                device: Default::default(),
+                n_gpu_layers: None,
             })
             .unwrap();
             let cache = engine.alloc_cache(8192).unwrap();

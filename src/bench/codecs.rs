@@ -91,7 +91,7 @@ pub fn from_model(
     }
     let arch = &engine.model.arch;
     let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
-    let mut cache = KvCache::new(arch, &policy, tokens.len(), None)?;
+    let mut cache = KvCache::new(arch, &policy, tokens.len(), None, &engine.model.device)?;
     engine.prefill(&mut cache, &tokens)?;
     let n = tokens.len();
     let mut sets: Vec<RowSet> = Vec::new();

@@ -9,7 +9,7 @@ use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{DeviceChoice, Engine, EngineConfig};
 use crate::kv::CacheType;
 use crate::model::Logits;
 
@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub kv_layer_policy: Option<String>,
     pub kv_centering: bool,
     pub ple_resident: bool,
+    pub device: DeviceChoice,
+    pub n_gpu_layers: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -86,6 +88,8 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                     kv_centering: cfg.kv_centering,
                     ple_resident: cfg.ple_resident,
                     kv_calibration: None,
+                    device: cfg.device,
+                    n_gpu_layers: cfg.n_gpu_layers,
                 })?;
                 let mut cache = engine.new_cache(n_ctx)?;
                 let kv_bytes = cache.k_bytes() + cache.v_bytes();
@@ -117,6 +121,8 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                             for &t in &gen_ids {
                                 engine.model.forward(&[t], &mut cache, Logits::Last)?;
                             }
+                            // GPU work is queued: the time counts once it is done.
+                            engine.model.device.synchronize()?;
                             samples.push((p + g) as f64 / t0.elapsed().as_secs_f64());
                         }
                         let n = samples.len() as f64;
@@ -128,7 +134,7 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                             model_type: format!("{} {}", engine.model.arch.name, file_name(model)),
                             model_size: engine.model.weight_bytes,
                             model_n_params: engine.model.n_params(),
-                            backend: "CPU".into(),
+                            backend: cfg.device.backend().into(),
                             n_threads: cfg.threads,
                             type_k: tk.name().into(),
                             type_v: tv.name().into(),

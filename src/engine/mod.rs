@@ -2,6 +2,7 @@
 //! and the generation loop every front-end (CLI, server, bench) drives.
 
 pub mod constraint;
+pub mod device;
 pub mod run;
 pub mod sampling;
 pub mod scheduler;
@@ -10,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 
 use crate::chat::ChatTemplate;
 use crate::kv::calibration::{self, CALIBRATION_TEXT, KvCalibration};
@@ -18,6 +18,7 @@ use crate::kv::{CacheType, KvCache, KvPolicy};
 use crate::model::layers::Source;
 use crate::model::{Logits, Model};
 use crate::tokenizer::Tok;
+pub use device::DeviceChoice;
 use sampling::Sampler;
 
 /// Prompt tokens per forward pass during prefill (llama.cpp's default ubatch).
@@ -41,6 +42,10 @@ pub struct EngineConfig {
     /// Where SpectralQuant's calibration is read from and saved to (`--kv-calibration`);
     /// `None`: beside the model ([`KvCalibration::path_for`]).
     pub kv_calibration: Option<PathBuf>,
+    /// Where weights, activations and the forward pass live (`--device`, `-ngl`).
+    pub device: DeviceChoice,
+    /// `-ngl N` as given, refused when it would split the model.
+    pub n_gpu_layers: Option<usize>,
 }
 
 pub struct Engine {
@@ -71,8 +76,10 @@ pub struct Generation {
 impl Engine {
     pub fn load(cfg: &EngineConfig) -> Result<Self> {
         let t0 = Instant::now();
-        let model = Model::load(&cfg.model, &Device::Cpu, cfg.ple_resident)
+        let device = cfg.device.open()?;
+        let model = Model::load(&cfg.model, &device, cfg.ple_resident)
             .with_context(|| format!("loading {}", cfg.model.display()))?;
+        device::check_gpu_layers(cfg.n_gpu_layers, model.arch.n_layer)?;
         let tok = match model.source.as_ref() {
             // Converted test checkpoints carry no vocabulary: token ids only, as with HF dirs.
             Source::Gguf(g) if g.meta("tokenizer.ggml.model").is_none() => None,
@@ -112,7 +119,7 @@ impl Engine {
         )?;
         let a = &model.arch;
         eprintln!(
-            "model: {} ({}), {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {}, {:.2} MiB; loaded in {:.0} ms",
+            "model: {} ({}), {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {}, {:.2} MiB on {}; loaded in {:.0} ms",
             cfg.model.display(),
             a.name,
             a.n_layer,
@@ -122,6 +129,7 @@ impl Engine {
             a.head_dim_max(),
             a.vocab,
             model.weight_bytes as f64 / 1048576.0,
+            cfg.device,
             t0.elapsed().as_secs_f64() * 1e3
         );
         if let Some((bytes, resident)) = model.ple_table() {
@@ -203,7 +211,7 @@ impl Engine {
         };
         let arch = &self.model.arch;
         let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
-        let mut cache = KvCache::new(arch, &policy, tokens.len(), None)?;
+        let mut cache = KvCache::new(arch, &policy, tokens.len(), None, &self.model.device)?;
         self.prefill(&mut cache, &tokens)?;
         let calib = KvCalibration::from_cache(&cache, spectra);
         eprintln!(
@@ -245,6 +253,7 @@ impl Engine {
             &self.policy,
             n_ctx,
             self.calibration.as_ref(),
+            &self.model.device,
         )
     }
 

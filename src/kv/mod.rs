@@ -6,6 +6,8 @@ pub mod calibration;
 pub mod codec;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod policy;
 pub mod store;
 

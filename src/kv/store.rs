@@ -51,6 +51,9 @@ pub struct RowStore {
     head_dim: usize,
     // u64 words keep f32/f16 rows aligned for zero-copy casts.
     data: Vec<u64>,
+    /// The rows in GPU memory instead of `data` (`kv::device`).
+    #[cfg(feature = "cuda")]
+    pub gpu: Option<super::device::DeviceRows>,
 }
 
 impl RowStore {
@@ -90,7 +93,34 @@ impl RowStore {
             sink_rows: vec![half::f16::ZERO; n_kv_head * sink * head_dim],
             head_dim,
             data: vec![0u64; bytes.div_ceil(8)],
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
+    }
+
+    /// A store whose rows live in GPU memory (plain rows: no centering, no sink rows).
+    #[cfg(feature = "cuda")]
+    fn on_gpu(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        ty: CacheType,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let mut s = Self::new(ty, n_kv_head, head_dim, 0, None, None);
+        s.capacity = capacity;
+        s.gpu = Some(super::device::DeviceRows::new(
+            dev, ty, n_kv_head, head_dim, capacity,
+        )?);
+        Ok(s)
+    }
+
+    /// Whether the rows live in GPU memory.
+    pub fn on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Bytes of the codecs' per-head state (SpectralQuant's bases), beside [`bytes`](Self::bytes).
@@ -245,12 +275,14 @@ pub struct KvCache {
 
 impl KvCache {
     /// Storage for `n_ctx` tokens. With `calib`, rotation-codec stores keep its means and
-    /// center their rows.
+    /// center their rows. On a GPU `device`, layers whose types have kernels keep their rows
+    /// there (`kv::device`); the rest stay in host memory.
     pub fn new(
         arch: &ModelArchitecture,
         policy: &KvPolicy,
         n_ctx: usize,
         calib: Option<&KvCalibration>,
+        device: &candle_core::Device,
     ) -> Result<Self> {
         if policy.layers.len() != arch.n_layer {
             bail!(
@@ -288,6 +320,20 @@ impl KvCache {
                     0
                 };
                 let (tk, tv) = policy.layers[il];
+                #[cfg(feature = "cuda")]
+                if let candle_core::Device::Cuda(dev) = device
+                    && super::device::layer_on_gpu(arch, il, tk, tv)
+                {
+                    let store = |ty| RowStore::on_gpu(dev, ty, g.n_kv_head, g.head_dim, rows);
+                    return Ok(LayerCache {
+                        k: store(tk)?,
+                        v: store(tv)?,
+                        head_dim: g.head_dim,
+                        sliding_window: g.sliding_window,
+                    });
+                }
+                #[cfg(not(feature = "cuda"))]
+                let _ = device;
                 let store = |ty: CacheType, k: bool| {
                     let codec = ty.codec();
                     let center = |c: &&KvCalibration| {
@@ -302,14 +348,14 @@ impl KvCache {
                         .map(|s| s.as_slice());
                     RowStore::new(ty, g.n_kv_head, g.head_dim, rows, mean, spectra)
                 };
-                LayerCache {
+                Ok(LayerCache {
                     k: store(tk, true),
                     v: store(tv, false),
                     head_dim: g.head_dim,
                     sliding_window: g.sliding_window,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
             n_ctx,
@@ -359,8 +405,14 @@ impl KvCache {
         } else {
             String::new()
         };
+        let on_gpu = self.layers.iter().filter(|l| l.k.on_device()).count();
+        let place = if on_gpu > 0 {
+            format!("; {on_gpu} layers in GPU memory")
+        } else {
+            String::new()
+        };
         format!(
-            "kv cache: size = {:.2} MiB ({} cells, {} layers), K ({}): {:.2} MiB, V ({}): {:.2} MiB{state}",
+            "kv cache: size = {:.2} MiB ({} cells, {} layers), K ({}): {:.2} MiB, V ({}): {:.2} MiB{state}{place}",
             mib(self.k_bytes() + self.v_bytes()),
             self.n_ctx,
             self.layers.len(),

@@ -1,6 +1,8 @@
 //! The self-attention sublayer shared by every forward pass: projections, optional qk-norm,
 //! RoPE, then `kv::attention` on the cache the engine owns.
 
+#[cfg(feature = "cuda")]
+use anyhow::Context;
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
@@ -29,6 +31,9 @@ pub struct SelfAttention {
     k_norm: Option<RmsNorm>,
     v_norm: Option<RmsNorm>,
     rope: Rope,
+    /// `rope`'s frequencies in GPU memory, when the layer runs there.
+    #[cfg(feature = "cuda")]
+    rope_freqs: Option<Tensor>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -58,7 +63,19 @@ impl SelfAttention {
                 .then(|| src.linear(&format!("{p}.{n}"), device))
                 .transpose()
         };
+        let rope = Rope::new(
+            g.rope_theta,
+            g.head_dim,
+            g.rope_partial,
+            arch.rope_style,
+            arch.bf16_buffers,
+        );
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            rope_freqs: device
+                .is_cuda()
+                .then(|| Tensor::new(rope.inv_freq(), device))
+                .transpose()?,
             q: src.linear(&format!("{p}.attn_q"), device)?,
             k: opt_linear("attn_k")?,
             v: opt_linear("attn_v")?,
@@ -68,13 +85,7 @@ impl SelfAttention {
             v_norm: matches!(arch.kind, ArchKind::Gemma4 | ArchKind::Gemma3n)
                 .then(|| RmsNorm::unit(g.head_dim, arch.rms_eps, device))
                 .transpose()?,
-            rope: Rope::new(
-                g.rope_theta,
-                g.head_dim,
-                g.rope_partial,
-                arch.rope_style,
-                arch.bf16_buffers,
-            ),
+            rope,
             n_head: g.n_head,
             n_kv_head: g.n_kv_head,
             head_dim: g.head_dim,
@@ -89,6 +100,48 @@ impl SelfAttention {
 
     /// As `forward`, reaching the cache as `kv` says.
     pub fn forward_kv(&self, x: &Tensor, kv: KvAccess, pos: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let KvAccess::Own(cache) = kv {
+            if cache.k.on_device() {
+                return self.forward_gpu(x, cache, pos);
+            }
+            return self.forward_host(x, KvAccess::Own(cache), pos);
+        }
+        self.forward_host(x, kv, pos)
+    }
+
+    /// The layer on the GPU with its cache there: nothing leaves the device.
+    #[cfg(feature = "cuda")]
+    fn forward_gpu(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let hd = self.head_dim;
+        let freqs = self
+            .rope_freqs
+            .as_ref()
+            .context("rope frequencies not on the GPU")?;
+        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = y.reshape((t * n, hd))?;
+            Ok(match norm {
+                Some(nm) => nm.forward(&y)?,
+                None => y,
+            })
+        };
+        let neox = self.rope.neox();
+        let q = heads(self.q.forward(x)?, self.n_head, &self.q_norm)?;
+        let q = kv::device::rope(&q, freqs, self.n_head, pos, neox)?;
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            bail!("a shared-KV layer was asked for its own K/V");
+        };
+        let k = heads(k.forward(x)?, self.n_kv_head, &self.k_norm)?;
+        let k = kv::device::rope(&k, freqs, self.n_kv_head, pos, neox)?;
+        let v = heads(v.forward(x)?, self.n_kv_head, &self.v_norm)?;
+        let out = kv::device::attention(cache, &q, &k, &v, pos, self.n_head, self.scale)?;
+        self.o.forward(&out)
+    }
+
+    /// The layer with its cache in host memory: Q/K/V come to the host for attention (the
+    /// weights may still be on a GPU).
+    fn forward_host(&self, x: &Tensor, kv: KvAccess, pos: usize) -> Result<Tensor> {
         let t = x.dim(0)?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Vec<f32>> {

@@ -490,6 +490,16 @@ impl Rope {
         Self { inv_freq, style }
     }
 
+    /// The rotation frequencies, `head_dim / 2` of them (zero past the rotated share).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Whether pairs are the two halves of a head (NeoX) rather than adjacent values.
+    pub fn neox(&self) -> bool {
+        matches!(self.style, RopeStyle::Neox)
+    }
+
     /// Rotates `x` [t, n_head, head_dim] in place for positions `pos..pos+t`.
     pub fn apply(&self, x: &mut [f32], pos: usize, n_head: usize) {
         let half = self.inv_freq.len();

@@ -75,6 +75,8 @@ pub fn engine(model: PathBuf, n_ctx: usize, ty: CacheType) -> Engine {
         ple_resident: false,
         // SpectralQuant's calibration goes to the build's scratch space, not beside shared fixtures.
         kv_calibration: Some(scratch_calibration(&model_name)),
+        device: Default::default(),
+        n_gpu_layers: None,
     })
     .unwrap()
 }

@@ -1,0 +1,382 @@
+// The KV cache in GPU memory: RoPE, quantize-on-append, the WHT for queries and outputs,
+// flash-decoding attention over stored rows, and dequantization of a past range for prefill.
+// Rows are the CPU codecs' bytes (src/kv/codec/{f16,turbo4,turbo3}.rs) in the CPU store's
+// layout: head-major rings of `capacity` rows, position p in slot p % capacity.
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define MAX_Q 8       // queries per KV head the attention kernel holds (a GQA group)
+#define MAX_AD 256    // widest head the attention kernel takes
+#define MAX_RD 512    // widest row the append/dequantize/WHT kernels take
+#define SPLIT 256     // past rows per flash-decoding slice
+
+// Codec ids, as src/kv/device.rs passes them.
+#define C_F16 0
+#define C_TURBO4 1
+#define C_TURBO3 2
+#define C_F32 3  // full-precision rows (the chunk's own K/V)
+
+__constant__ float SIGNS1[128] = {
+    -1, 1, 1, -1, -1, 1, -1, 1, -1, -1, 1, 1, 1, 1, 1, 1, 1, -1, 1, -1, 1, -1, -1, 1, 1, 1, -1, 1,
+    1, -1, -1, -1, -1, 1, 1, -1, 1, 1, -1, 1, -1, 1, 1, -1, -1, 1, -1, 1, 1, 1, 1, -1, -1, -1, -1,
+    -1, 1, -1, 1, 1, 1, 1, -1, 1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, 1, 1, -1,
+    -1, 1, 1, 1, -1, -1, 1, 1, -1, 1, 1, -1, 1, -1, -1, 1, 1, -1, 1, -1, 1, -1, 1, 1, 1, 1, -1, 1,
+    -1, 1, 1, -1, 1, 1, -1, -1, -1, -1, -1, 1, 1, -1, 1, 1, -1, 1};
+__constant__ float SIGNS2[128] = {
+    1, 1, 1, 1, -1, 1, 1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, 1, -1, -1, 1, -1, 1, -1, 1, -1, -1,
+    1, -1, 1, 1, 1, 1, 1, -1, -1, -1, 1, -1, -1, -1, -1, -1, -1, 1, 1, 1, -1, 1, -1, 1, 1, 1, -1,
+    -1, 1, -1, -1, -1, -1, -1, -1, 1, 1, 1, -1, 1, -1, -1, -1, -1, 1, -1, 1, -1, 1, -1, -1, 1, 1,
+    -1, 1, -1, 1, 1, -1, 1, -1, -1, -1, -1, 1, -1, -1, 1, -1, 1, -1, 1, 1, 1, -1, -1, 1, -1, 1, -1,
+    1, 1, -1, -1, 1, -1, 1, -1, 1, 1, -1, 1, -1, 1, -1, -1, -1, -1, -1, 1, -1};
+
+__device__ __forceinline__ int group_width(int d) { return (d % 128 == 0) ? 128 : 64; }
+
+__device__ __forceinline__ int group_bytes(int codec, int g) {
+    switch (codec) {
+        case C_TURBO4: return (g == 128 ? 4 : 2) + g / 2;
+        case C_TURBO3: return 2 + g / 4 + g / 8;
+        case C_F32: return 4 * g;
+        default: return 2 * g;
+    }
+}
+
+// f16 values sit at even offsets of rows whose sizes are even (f16 rows, turbo group norms),
+// so they are read and written as aligned 16-bit words. (Two byte stores of the converted half
+// lost its low byte once JIT-compiled on the H100; `cuda-check -m` compares stored bytes.)
+__device__ __forceinline__ float half_at(const uint8_t* p) {
+    return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
+}
+
+__device__ __forceinline__ void put_half(uint8_t* p, float x) {
+    *reinterpret_cast<unsigned short*>(p) = __half_as_ushort(__float2half_rn(x));
+}
+
+// Values v and v+1 (v even) of a stored row, in the codec's domain (rotated for turbo).
+__device__ __forceinline__ float2 read_pair(int codec, const uint8_t* row, int v, int d,
+                                            const float* cb) {
+    if (codec == C_F16) return make_float2(half_at(row + 2 * v), half_at(row + 2 * v + 2));
+    if (codec == C_F32) {
+        const float* r = reinterpret_cast<const float*>(row);
+        return make_float2(r[v], r[v + 1]);
+    }
+    const int g = group_width(d);
+    const uint8_t* grp = row + (v / g) * group_bytes(codec, g);
+    const int o = v % g;
+    const float norm = half_at(grp);
+    int c0, c1;
+    if (codec == C_TURBO4) {
+        const uint8_t b = grp[(g == 128 ? 4 : 2) + o / 2];
+        c0 = b & 15;
+        c1 = b >> 4;
+    } else {
+        // turbo3: low two bits four per byte, then the high bits eight per byte
+        const uint8_t q = grp[2 + o / 4], s = grp[2 + g / 4 + o / 8];
+        const int sh = 2 * (o % 4), sb = o % 8;
+        c0 = ((q >> sh) & 3) | (((s >> sb) & 1) << 2);
+        c1 = ((q >> (sh + 2)) & 3) | (((s >> (sb + 1)) & 1) << 2);
+    }
+    return make_float2(norm * cb[c0], norm * cb[c1]);
+}
+
+// In-place randomized WHT of the groups of a row held in shared memory `s` (d values, one per
+// thread of the block): forward `D2·H/√g·D1`, inverse `D1·H/√g·D2`; same butterfly order as
+// src/kv/codec/wht.rs.
+__device__ void wht_shared(float* s, int d, bool inverse) {
+    const int i = threadIdx.x, g = group_width(d), o = i % g;
+    const float scale = g == 128 ? 0.088388350f : 0.125f;
+    if (i < d) s[i] *= inverse ? SIGNS2[o] : SIGNS1[o];
+    for (int h = 1; h < g; h *= 2) {
+        __syncthreads();
+        if (i < d && (o & h) == 0) {
+            const float a = s[i], b = s[i + h];
+            s[i] = a + b;
+            s[i + h] = a - b;
+        }
+    }
+    __syncthreads();
+    if (i < d) s[i] *= scale * (inverse ? SIGNS1[o] : SIGNS2[o]);
+    __syncthreads();
+}
+
+// Sum of `x` over each group of `g` threads (g = 64 or 128), the same value in every thread of
+// the group. Warp sums are added in warp order, so the result does not depend on scheduling.
+__device__ float group_sum(float x, float* warp_sums, int g) {
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffff, x, off);
+    const int w = threadIdx.x >> 5;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) warp_sums[w] = x;
+    __syncthreads();
+    const int per = g / 32, first = (w / per) * per;
+    float s = 0.f;
+    for (int k = 0; k < per; k++) s += warp_sums[first + k];
+    return s;
+}
+
+// y [t, n_head, hd] = x rotated for positions pos..pos+t (`inv_freq` [hd/2]; interleaved pairs
+// (2i, 2i+1) or NeoX halves (i, i + hd/2)). One block per (token, head), a thread per pair.
+extern "C" __global__ void kv_rope(const float* __restrict__ x, float* __restrict__ y,
+                                   const float* __restrict__ inv_freq, int n_head, int hd, int pos,
+                                   int neox) {
+    const int row = blockIdx.x, ti = row / n_head, i = threadIdx.x, half = hd / 2;
+    if (i >= half) return;
+    float sn, cs;
+    sincosf((float)(pos + ti) * inv_freq[i], &sn, &cs);
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float* xr = x + (size_t)row * hd;
+    float* yr = y + (size_t)row * hd;
+    const float x0 = xr[a], x1 = xr[b];
+    yr[a] = x0 * cs - x1 * sn;
+    yr[b] = x0 * sn + x1 * cs;
+}
+
+// y = scale · WHT(x) (or its inverse) per row of d values; one block of d threads per row.
+extern "C" __global__ void kv_wht(const float* __restrict__ x, float* __restrict__ y, int d,
+                                  float scale, int inverse) {
+    __shared__ float s[MAX_RD];
+    const size_t base = (size_t)blockIdx.x * d;
+    const int i = threadIdx.x;
+    if (i < d) s[i] = x[base + i];
+    wht_shared(s, d, inverse != 0);
+    if (i < d) y[base + i] = s[i] * scale;
+}
+
+// Stores rows x [t, n_kv, d] at positions pos..pos+t, quantizing with `codec` (turbo: codebook
+// `cb` and its decision points `mids`, src/kv/codec/turbo.rs's quantize_group). With `own`
+// non-null also writes each row in the codec's domain at full precision (for the decode step's
+// own position). One block of d threads per (KV head, token).
+extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __restrict__ rows,
+                                     float* __restrict__ own, int codec, int row_bytes,
+                                     long long capacity, int pos, int n_kv, int d,
+                                     const float* __restrict__ cb, const float* __restrict__ mids,
+                                     int n_mids) {
+    __shared__ float s[MAX_RD];
+    __shared__ float warp_sums[MAX_RD / 32];
+    __shared__ uint8_t codes[MAX_RD];
+    const int h = blockIdx.x, ti = blockIdx.y, i = threadIdx.x;
+    // A chunk longer than a sliding-window ring wraps onto itself: only its last `capacity`
+    // rows survive, so earlier ones are not written (blocks run in no particular order).
+    if ((long long)ti + capacity < (long long)gridDim.y) return;
+    const size_t src = ((size_t)ti * n_kv + h) * d;
+    uint8_t* row = rows + ((size_t)h * capacity + (size_t)(pos + ti) % capacity) * row_bytes;
+    const float val = i < d ? x[src + i] : 0.f;
+    if (codec == C_F16) {
+        if (i < d) {
+            put_half(row + 2 * i, val);
+            if (own) own[src + i] = val;
+        }
+        return;
+    }
+    const int g = group_width(d), o = i % g, gb = group_bytes(codec, g);
+    const float norm = sqrtf(group_sum(val * val, warp_sums, g));
+    const float inv = norm > 1e-10f ? 1.f / norm : 0.f;
+    if (i < d) s[i] = val * inv;
+    wht_shared(s, d, false);
+    const float y = i < d ? s[i] : 0.f;
+    int c = 0;
+    for (int k = 0; k < n_mids; k++) c += mids[k] <= y;
+    const float r = cb[c];
+    const float recon = sqrtf(group_sum(r * r, warp_sums, g));
+    const float corrected = recon > 1e-10f ? norm / recon : norm;
+    if (i < d) {
+        codes[i] = (uint8_t)c;
+        if (own) own[src + i] = norm * y;
+    }
+    __syncthreads();
+    if (i >= d) return;
+    uint8_t* grp = row + (i / g) * gb;
+    if (o == 0) put_half(grp, corrected);
+    if (codec == C_TURBO4) {
+        const int hb = g == 128 ? 4 : 2;
+        if (o == 0 && hb == 4) grp[2] = grp[3] = 0;
+        if (o % 2 == 0) grp[hb + o / 2] = codes[i] | (codes[i + 1] << 4);
+    } else {
+        if (o % 4 == 0)
+            grp[2 + o / 4] = (codes[i] & 3) | (codes[i + 1] & 3) << 2 | (codes[i + 2] & 3) << 4 |
+                             (codes[i + 3] & 3) << 6;
+        if (o % 8 == 0) {
+            uint8_t b = 0;
+            for (int k = 0; k < 8; k++) b |= ((codes[i + k] >> 2) & 1) << k;
+            grp[2 + g / 4 + o / 8] = b;
+        }
+    }
+}
+
+// out [n_kv, n, d] = positions first..first+n of every head, decoded to values (rotation
+// undone). One block of d threads per (position, head).
+extern "C" __global__ void kv_dequant(const uint8_t* __restrict__ rows, float* __restrict__ out,
+                                      int codec, int row_bytes, long long capacity, int first,
+                                      int n, int d, const float* __restrict__ cb) {
+    __shared__ float s[MAX_RD];
+    const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    const uint8_t* row = rows + ((size_t)h * capacity + (size_t)(first + r) % capacity) * row_bytes;
+    if (2 * i < d) {
+        const float2 p = read_pair(codec, row, 2 * i, d, cb);
+        s[2 * i] = p.x;
+        s[2 * i + 1] = p.y;
+    }
+    __syncthreads();
+    if (codec == C_TURBO4 || codec == C_TURBO3) wht_shared(s, d, true);
+    if (i < d) out[((size_t)h * n + r) * d + i] = s[i];
+}
+
+// Flash-decoding partials, one block per (KV head, slice): slices 0..n_split-1 cover the past
+// positions first..first+n (SPLIT each), slice n_split (when own_k is given) the step's own
+// position from full-precision rows. Queries q [n_kv, n_q, d] are in K's domain and already
+// scaled; V accumulates in V's domain. Partials: max, sum of weights, weighted V sum.
+extern "C" __global__ void kv_attn_partial(
+    const float* __restrict__ q, const uint8_t* __restrict__ k_rows,
+    const uint8_t* __restrict__ v_rows, int k_codec, int v_codec, int k_rb, int v_rb,
+    const float* __restrict__ k_cb, const float* __restrict__ v_cb, long long capacity, int first,
+    int n, int n_split, const float* __restrict__ own_k, const float* __restrict__ own_v,
+    float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ part_acc,
+    int n_q, int d) {
+    __shared__ float sq[MAX_Q * MAX_AD];
+    __shared__ float sw[MAX_Q * SPLIT];
+    __shared__ float kcb[16], vcb[16];
+    __shared__ float smax[MAX_Q], ssum[MAX_Q];
+    const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
+    const bool is_own = part == n_split;
+    const int lo = is_own ? 0 : part * SPLIT;
+    const int len = is_own ? 1 : max(0, min(n, lo + SPLIT) - lo);
+    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) sq[i] = q[(size_t)kvh * n_q * d + i];
+    if (threadIdx.x < 16) {
+        kcb[threadIdx.x] = k_cb ? k_cb[threadIdx.x] : 0.f;
+        vcb[threadIdx.x] = v_cb ? v_cb[threadIdx.x] : 0.f;
+    }
+    __syncthreads();
+    const int kc = is_own ? C_F32 : k_codec, vc = is_own ? C_F32 : v_codec;
+    const int krb = is_own ? 4 * d : k_rb, vrb = is_own ? 4 * d : v_rb;
+    auto k_row = [&](int r) -> const uint8_t* {
+        if (is_own) return reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d);
+        return k_rows + ((size_t)kvh * capacity + (size_t)(first + lo + r) % capacity) * krb;
+    };
+    auto v_row = [&](int r) -> const uint8_t* {
+        if (is_own) return reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d);
+        return v_rows + ((size_t)kvh * capacity + (size_t)(first + lo + r) % capacity) * vrb;
+    };
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int r = warp; r < len; r += warps) {
+        const uint8_t* row = k_row(r);
+        float acc[MAX_Q];
+#pragma unroll
+        for (int qi = 0; qi < MAX_Q; qi++) acc[qi] = 0.f;
+        for (int v = 2 * lane; v < d; v += 64) {
+            const float2 x = read_pair(kc, row, v, d, kcb);
+#pragma unroll
+            for (int qi = 0; qi < MAX_Q; qi++)
+                if (qi < n_q) acc[qi] += sq[qi * d + v] * x.x + sq[qi * d + v + 1] * x.y;
+        }
+#pragma unroll
+        for (int qi = 0; qi < MAX_Q; qi++) {
+            float s = acc[qi];
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+            if (lane == 0 && qi < n_q) sw[qi * SPLIT + r] = s;
+        }
+    }
+    __syncthreads();
+    for (int qi = warp; qi < n_q; qi += warps) {
+        float m = -INFINITY;
+        for (int r = lane; r < len; r += 32) m = fmaxf(m, sw[qi * SPLIT + r]);
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+        float s = 0.f;
+        for (int r = lane; r < len; r += 32) {
+            const float e = __expf(sw[qi * SPLIT + r] - m);
+            sw[qi * SPLIT + r] = e;
+            s += e;
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+        if (lane == 0) {
+            smax[qi] = m;
+            ssum[qi] = s;
+        }
+    }
+    __syncthreads();
+    const size_t slot = (size_t)kvh * slots + part;
+    if (threadIdx.x < n_q) {
+        part_max[slot * n_q + threadIdx.x] = smax[threadIdx.x];
+        part_sum[slot * n_q + threadIdx.x] = ssum[threadIdx.x];
+    }
+    // V: (d/2 value pairs) × phases threads, phase p takes every phases-th row; the phases'
+    // sums meet in shared memory (the query buffer, free now).
+    const int cols = d / 2, phases = blockDim.x / cols;
+    const int pair = threadIdx.x % cols, phase = threadIdx.x / cols, v = 2 * pair;
+    float a0[MAX_Q], a1[MAX_Q];
+#pragma unroll
+    for (int qi = 0; qi < MAX_Q; qi++) a0[qi] = a1[qi] = 0.f;
+    if (phase < phases) {
+        for (int r = phase; r < len; r += phases) {
+            const float2 x = read_pair(vc, v_row(r), v, d, vcb);
+#pragma unroll
+            for (int qi = 0; qi < MAX_Q; qi++) {
+                if (qi < n_q) {
+                    const float w = sw[qi * SPLIT + r];
+                    a0[qi] += w * x.x;
+                    a1[qi] += w * x.y;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int p = 0; p < phases; p++) {
+        if (phase == p) {
+            for (int qi = 0; qi < n_q; qi++) {
+                sq[qi * d + v] = (p == 0 ? 0.f : sq[qi * d + v]) + a0[qi];
+                sq[qi * d + v + 1] = (p == 0 ? 0.f : sq[qi * d + v + 1]) + a1[qi];
+            }
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sq[i];
+}
+
+// Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
+__device__ float block_reduce(float x, float* red, bool is_max) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffff, x, off);
+        x = is_max ? fmaxf(x, y) : x + y;
+    }
+    const int w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[w] = x;
+    __syncthreads();
+    float r = is_max ? -INFINITY : 0.f;
+    for (int k = 0; k < warps; k++) r = is_max ? fmaxf(r, red[k]) : r + red[k];
+    return r;
+}
+
+// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials;
+// one block per (KV head, query): slot weights in shared memory (`slots` floats, dynamic),
+// then (value × phase) threads sum over the slots.
+extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
+                                         const float* __restrict__ part_sum,
+                                         const float* __restrict__ part_acc,
+                                         float* __restrict__ out, int n_q, int d, int slots) {
+    extern __shared__ float weight[];
+    __shared__ float red[32];
+    __shared__ float sums[1024];
+    const int kvh = blockIdx.x, qi = blockIdx.y, tid = threadIdx.x;
+    const size_t base = (size_t)kvh * slots;
+    float m = -INFINITY;
+    for (int s = tid; s < slots; s += blockDim.x) m = fmaxf(m, part_max[(base + s) * n_q + qi]);
+    m = block_reduce(m, red, true);
+    float den = 0.f;
+    for (int s = tid; s < slots; s += blockDim.x) {
+        const float pm = part_max[(base + s) * n_q + qi];
+        const float w = pm == -INFINITY ? 0.f : __expf(pm - m);
+        weight[s] = w;
+        den += w * part_sum[(base + s) * n_q + qi];
+    }
+    den = block_reduce(den, red, false);
+    __syncthreads();
+    const int phases = blockDim.x / d, v = tid % d, phase = tid / d;
+    float num = 0.f;
+    if (phase < phases)
+        for (int s = phase; s < slots; s += phases)
+            num += weight[s] * part_acc[((base + s) * n_q + qi) * d + v];
+    sums[tid] = num;
+    __syncthreads();
+    if (phase == 0) {
+        for (int p = 1; p < phases; p++) num += sums[p * d + v];
+        out[((size_t)kvh * n_q + qi) * d + v] = den > 0.f ? num / den : 0.f;
+    }
+}

@@ -1,0 +1,213 @@
+//! `dh-server cuda-check --model M`: the same tokens through a model on the CPU and on the GPU,
+//! prefill (two chunks, so the second attends over a stored past) then greedy decode steps,
+//! comparing logits at every position. The CPU runs plain TurboQuant rows
+//! (`--no-kv-centering`), which is what the GPU store holds.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::engine::{DeviceChoice, Engine, EngineConfig};
+use crate::kv::CacheType;
+use crate::model::Logits;
+
+#[derive(Debug, serde::Serialize)]
+pub struct ParityReport {
+    pub model: String,
+    pub cache_type: String,
+    pub gpu_layers: usize,
+    pub prompt: usize,
+    pub steps: usize,
+    /// max |gpu − cpu| over the second prefill chunk's logits, and over the decode steps.
+    pub prefill_max_abs: f32,
+    pub decode_max_abs: f32,
+    /// max |cpu logit|, for scale.
+    pub logit_max: f32,
+    /// Decode steps where both picked the same token.
+    pub greedy_agree: usize,
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+pub fn check(model: &Path, ty: CacheType, prompt: usize, steps: usize) -> Result<ParityReport> {
+    let n_ctx = prompt + steps;
+    let load = |device| {
+        Engine::load(&EngineConfig {
+            model: model.to_path_buf(),
+            n_ctx,
+            cache_k: ty,
+            cache_v: ty,
+            chat_template: None,
+            kv_layer_policy: None,
+            kv_centering: false,
+            ple_resident: false,
+            kv_calibration: None,
+            device,
+            n_gpu_layers: None,
+        })
+    };
+    let (cpu, gpu) = (load(DeviceChoice::Cpu)?, load(DeviceChoice::Cuda(0))?);
+    let (mut cc, mut gc) = (cpu.alloc_cache(n_ctx)?, gpu.alloc_cache(n_ctx)?);
+    let mut rng = StdRng::seed_from_u64(7);
+    let vocab = cpu.model.arch.vocab as u32;
+    let ids: Vec<u32> = (0..prompt).map(|_| rng.random_range(0..vocab)).collect();
+    let split = prompt / 2;
+    let run = |e: &Engine, c: &mut crate::kv::KvCache, ids: &[u32], which| -> Result<Vec<f32>> {
+        Ok(e.model
+            .forward(ids, c, which)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    run(&cpu, &mut cc, &ids[..split], Logits::Last)?;
+    run(&gpu, &mut gc, &ids[..split], Logits::Last)?;
+    let want = run(&cpu, &mut cc, &ids[split..], Logits::All)?;
+    let got = run(&gpu, &mut gc, &ids[split..], Logits::All)?;
+    let prefill_max_abs = max_abs_diff(&want, &got);
+    let mut logit_max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let v = vocab as usize;
+    let mut next = argmax(&want[want.len() - v..]);
+    let (mut decode_max_abs, mut greedy_agree) = (0f32, 0);
+    for _ in 0..steps {
+        let want = run(&cpu, &mut cc, &[next], Logits::Last)?;
+        let got = run(&gpu, &mut gc, &[next], Logits::Last)?;
+        decode_max_abs = decode_max_abs.max(max_abs_diff(&want, &got));
+        logit_max = want.iter().fold(logit_max, |m, v| m.max(v.abs()));
+        next = argmax(&want);
+        greedy_agree += usize::from(next == argmax(&got));
+    }
+    Ok(ParityReport {
+        model: model.display().to_string(),
+        cache_type: ty.name().into(),
+        gpu_layers: gc.layers.iter().filter(|l| l.k.on_device()).count(),
+        prompt,
+        steps,
+        prefill_max_abs,
+        decode_max_abs,
+        logit_max,
+        greedy_agree,
+    })
+}
+
+/// One layer's pieces on random data, GPU against CPU: RoPE, then attention over a cache of
+/// `ty` (a prefill chunk onto an empty cache, a second chunk over it, then decode steps).
+#[derive(Debug, serde::Serialize)]
+pub struct LayerReport {
+    pub cache_type: String,
+    pub rope_max_abs: f32,
+    /// max |gpu − cpu| per step: chunks of 12 and 9 tokens, then three decode steps.
+    pub step_max_abs: Vec<f32>,
+    pub out_max: f32,
+    /// Per stored position of K head 0: bytes that differ between the two stores.
+    pub k_bytes_differing: Vec<usize>,
+}
+
+pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
+    use crate::kv::{KvCache, KvPolicy};
+    use crate::model::arch::RopeStyle;
+    use crate::model::layers::Rope;
+    use candle_core::{Device, Tensor};
+    let gpu_dev = DeviceChoice::Cuda(0).open()?;
+    let cpu = Engine::load(&EngineConfig {
+        model: engine_model.to_path_buf(),
+        n_ctx: 64,
+        cache_k: ty,
+        cache_v: ty,
+        chat_template: None,
+        kv_layer_policy: None,
+        kv_centering: false,
+        ple_resident: false,
+        kv_calibration: None,
+        device: DeviceChoice::Cpu,
+        n_gpu_layers: None,
+    })?;
+    let arch = &cpu.model.arch;
+    let g = &arch.layers[0];
+    let (n_head, n_kv, hd) = (g.n_head, g.n_kv_head, g.head_dim);
+    let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
+    let mut hc = KvCache::new(arch, &policy, 64, None, &Device::Cpu)?;
+    let mut dc = KvCache::new(arch, &policy, 64, None, &gpu_dev)?;
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut rand =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+    let rope = Rope::new(10000.0, hd, 1.0, RopeStyle::Neox, false);
+    let freqs = Tensor::new(rope.inv_freq(), &gpu_dev)?;
+    let x = rand(5 * n_head * hd);
+    let mut want = x.clone();
+    rope.apply(&mut want, 7, n_head);
+    let got = crate::kv::device::rope(
+        &Tensor::from_vec(x, (5 * n_head, hd), &gpu_dev)?,
+        &freqs,
+        n_head,
+        7,
+        true,
+    )?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
+    let rope_max_abs = max_abs_diff(&want, &got);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (mut step_max_abs, mut out_max) = (Vec::new(), 0f32);
+    let mut pos = 0;
+    for t in [12, 9, 1, 1, 1] {
+        let (q, k, v) = (
+            rand(t * n_head * hd),
+            rand(t * n_kv * hd),
+            rand(t * n_kv * hd),
+        );
+        let want = crate::kv::attention(&mut hc.layers[0], &q, &k, &v, pos, n_head, scale)?;
+        let up = |x: &[f32], n: usize| Tensor::from_vec(x.to_vec(), (t * n, hd), &gpu_dev);
+        let got = crate::kv::device::attention(
+            &mut dc.layers[0],
+            &up(&q, n_head)?,
+            &up(&k, n_kv)?,
+            &up(&v, n_kv)?,
+            pos,
+            n_head,
+            scale,
+        )?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+        step_max_abs.push(max_abs_diff(&want, &got));
+        out_max = want.iter().fold(out_max, |m, v| m.max(v.abs()));
+        pos += t;
+    }
+    let Device::Cuda(cd) = &gpu_dev else {
+        anyhow::bail!("cuda-check needs a GPU");
+    };
+    let gpu_rows = dc.layers[0]
+        .k
+        .gpu
+        .as_ref()
+        .context("layer 0 is not on the GPU")?
+        .to_host(cd)?;
+    let [(host_rows, n), _] = hc.layers[0].k.segments(0, 0..pos);
+    let rb = hc.layers[0].k.row_bytes;
+    let k_bytes_differing = host_rows[..n * rb]
+        .chunks(rb)
+        .zip(gpu_rows.chunks(rb))
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        .collect();
+    Ok(LayerReport {
+        k_bytes_differing,
+        cache_type: ty.name().into(),
+        rope_max_abs,
+        step_max_abs,
+        out_max,
+    })
+}

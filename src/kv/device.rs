@@ -1,0 +1,548 @@
+//! The KV cache in GPU memory (`--features cuda`): rows stay on the device in the CPU codecs'
+//! bytes and store layout, K/V are quantized there as they are appended
+//! (`kernels/cuda/kv.cu`), decode attention reads the compressed rows (flash-decoding, query
+//! rotated once, V accumulated in the rotated domain and rotated back once per head), and
+//! prefill dequantizes the past once per layer and runs causal attention with cuBLAS through
+//! candle. Types with kernels: f16, turbo4, turbo3. Other types, and architectures with
+//! shared-KV layers, keep their cache in host memory and attend on the CPU.
+//!
+//! Device stores do not center rows on calibrated means nor keep exact sink rows (the CPU
+//! store's refinements): they hold the fork's plain TurboQuant rows, like `--no-kv-centering`.
+
+use anyhow::{Context, Result, bail};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+use super::CacheType;
+use super::codec::lloyd_max;
+use super::codec::turbo::group_width;
+use super::store::LayerCache;
+use crate::model::arch::ModelArchitecture;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
+
+/// Past rows per flash-decoding slice (`SPLIT` in the kernel).
+const SPLIT: usize = 256;
+/// Queries per KV head and head width the attention kernel holds (`MAX_Q`, `MAX_AD`).
+const MAX_GROUP: usize = 8;
+const MAX_HEAD_DIM: usize = 256;
+
+/// The kernels' codec ids (`C_*` in kv.cu).
+fn codec_id(ty: CacheType) -> Option<i32> {
+    match ty {
+        CacheType::F16 => Some(0),
+        CacheType::Turbo4 => Some(1),
+        CacheType::Turbo3 => Some(2),
+        _ => None,
+    }
+}
+
+/// Whether layer `il` keeps its cache on the GPU when the model runs on one.
+pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
+    let g = &arch.layers[il];
+    let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
+    codec_id(k).is_some()
+        && codec_id(v).is_some()
+        && !shared_kv
+        && g.head_dim <= MAX_HEAD_DIM
+        && g.head_dim.is_multiple_of(64)
+        && g.n_head.is_multiple_of(g.n_kv_head)
+        && g.n_head / g.n_kv_head <= MAX_GROUP
+}
+
+/// One of K or V of one layer in GPU memory.
+pub struct DeviceRows {
+    rows: CudaSlice<u8>,
+    codec: i32,
+    rotates: bool,
+    /// Turbo codebook (padded to 16) and its decision points; empty for f16.
+    centroids: CudaSlice<f32>,
+    mids: CudaSlice<f32>,
+    n_mids: i32,
+}
+
+impl DeviceRows {
+    pub fn new(
+        dev: &CudaDevice,
+        ty: CacheType,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let codec = codec_id(ty).with_context(|| format!("no CUDA kernels for cache type {ty}"))?;
+        let bytes = n_kv_head * capacity * ty.codec().bytes_per_row(head_dim);
+        let s = dev.cuda_stream();
+        let (mut centroids, mut mids) = (vec![0f32; 16], vec![0f32]);
+        let bits = match ty {
+            CacheType::Turbo4 => Some(4),
+            CacheType::Turbo3 => Some(3),
+            _ => None,
+        };
+        if let Some(bits) = bits {
+            let cb = lloyd_max::turbo(group_width(head_dim), bits);
+            centroids[..cb.centroids.len()].copy_from_slice(&cb.centroids);
+            mids = cb.mids.clone();
+        }
+        Ok(Self {
+            rows: s
+                .alloc_zeros::<u8>(bytes.max(1))
+                .with_context(|| format!("allocating {bytes} bytes of KV cache on the GPU"))?,
+            codec,
+            rotates: bits.is_some(),
+            n_mids: if bits.is_some() { mids.len() as i32 } else { 0 },
+            centroids: s.clone_htod(&centroids)?,
+            mids: s.clone_htod(&mids)?,
+        })
+    }
+}
+
+impl DeviceRows {
+    /// The stored bytes, copied to the host (checks).
+    pub fn to_host(&self, dev: &CudaDevice) -> Result<Vec<u8>> {
+        Ok(dev.cuda_stream().clone_dtoh(&self.rows)?)
+    }
+}
+
+fn cuda(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("expected a tensor on the GPU"),
+    }
+}
+
+/// A contiguous f32 tensor's storage, held while a kernel reads it.
+struct Input<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> Input<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        if t.dtype() != DType::F32 {
+            bail!("GPU attention takes f32 tensors, got {:?}", t.dtype());
+        }
+        let (storage, layout) = t.storage_and_layout();
+        if !layout.is_contiguous() {
+            bail!("GPU attention takes contiguous tensors");
+        }
+        Ok(Self {
+            storage,
+            start: layout.start_offset(),
+            len: layout.shape().elem_count(),
+        })
+    }
+
+    fn view(&self) -> Result<CudaView<'_, f32>> {
+        match &*self.storage {
+            Storage::Cuda(c) => Ok(c
+                .as_cuda_slice::<f32>()?
+                .slice(self.start..self.start + self.len)),
+            _ => bail!("expected a tensor on the GPU"),
+        }
+    }
+}
+
+fn tensor(dev: &CudaDevice, slice: CudaSlice<f32>, shape: &[usize]) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, "dhurandhar_kv", PTX)?
+        .into_cuda_function())
+}
+
+/// `x` [rows, hd] (rows = t · n_head, token-major) rotated for positions `pos..`;
+/// `inv_freq` [hd/2] on the device.
+pub fn rope(
+    x: &Tensor,
+    inv_freq: &Tensor,
+    n_head: usize,
+    pos: usize,
+    neox: bool,
+) -> Result<Tensor> {
+    let dev = cuda(x)?;
+    let (rows, hd) = x.dims2()?;
+    let x = x.contiguous()?;
+    let (xi, fi) = (Input::of(&x)?, Input::of(inv_freq)?);
+    let mut y = dev.cuda_stream().alloc_zeros::<f32>(rows * hd)?;
+    let f = func(&dev, "kv_rope")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let (xv, fv) = (xi.view()?, fi.view()?);
+    let (nh, hd_i, pos_i, neox_i) = (n_head as i32, hd as i32, pos as i32, neox as i32);
+    b.arg(&xv)
+        .arg(&mut y)
+        .arg(&fv)
+        .arg(&nh)
+        .arg(&hd_i)
+        .arg(&pos_i)
+        .arg(&neox_i);
+    // SAFETY: argument types and order match `kv_rope`; y holds rows · hd values.
+    unsafe { b.launch(launch_cfg((rows as u32, 1), (hd / 2) as u32)) }?;
+    drop((xi, fi));
+    Ok(tensor(&dev, y, &[rows, hd]))
+}
+
+/// `x` [rows, d] → scale · WHT(x) per 64/128-wide group (or the inverse rotation).
+fn wht(
+    dev: &CudaDevice,
+    x: &CudaView<f32>,
+    rows: usize,
+    d: usize,
+    scale: f32,
+    inverse: bool,
+) -> Result<CudaSlice<f32>> {
+    let mut y = dev.cuda_stream().alloc_zeros::<f32>(rows * d)?;
+    let f = func(dev, "kv_wht")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let (d_i, inv) = (d as i32, inverse as i32);
+    b.arg(x).arg(&mut y).arg(&d_i).arg(&scale).arg(&inv);
+    // SAFETY: argument types and order match `kv_wht`; y holds rows · d values.
+    unsafe { b.launch(launch_cfg((rows as u32, 1), d as u32)) }?;
+    Ok(y)
+}
+
+/// Quantizes `x` [t · n_kv, d] (token-major) into the store at positions `pos..pos+t`; with
+/// `own`, also writes the rows in the codec's domain at full precision.
+#[allow(clippy::too_many_arguments)]
+fn append(
+    dev: &CudaDevice,
+    store: &mut DeviceRows,
+    x: &CudaView<f32>,
+    own: Option<&mut CudaSlice<f32>>,
+    (t, n_kv, d): (usize, usize, usize),
+    row_bytes: usize,
+    capacity: usize,
+    pos: usize,
+) -> Result<()> {
+    let f = func(dev, "kv_append")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let null = 0u64;
+    let (codec, rb, cap, pos_i, nkv, d_i) = (
+        store.codec,
+        row_bytes as i32,
+        capacity as i64,
+        pos as i32,
+        n_kv as i32,
+        d as i32,
+    );
+    b.arg(x).arg(&mut store.rows);
+    match own {
+        Some(o) => b.arg(o),
+        None => b.arg(&null),
+    };
+    b.arg(&codec)
+        .arg(&rb)
+        .arg(&cap)
+        .arg(&pos_i)
+        .arg(&nkv)
+        .arg(&d_i)
+        .arg(&store.centroids)
+        .arg(&store.mids)
+        .arg(&store.n_mids);
+    // SAFETY: argument types and order match `kv_append`; the store holds n_kv · capacity rows.
+    unsafe { b.launch(launch_cfg((n_kv as u32, t as u32), d as u32)) }?;
+    Ok(())
+}
+
+/// Positions `first..first+n` of every head as values [n_kv, n, d].
+fn dequant(
+    dev: &CudaDevice,
+    store: &DeviceRows,
+    (n_kv, d): (usize, usize),
+    row_bytes: usize,
+    capacity: usize,
+    first: usize,
+    n: usize,
+) -> Result<Tensor> {
+    let mut out = dev.cuda_stream().alloc_zeros::<f32>(n_kv * n * d)?;
+    let f = func(dev, "kv_dequant")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let (codec, rb, cap, first_i, n_i, d_i) = (
+        store.codec,
+        row_bytes as i32,
+        capacity as i64,
+        first as i32,
+        n as i32,
+        d as i32,
+    );
+    b.arg(&store.rows)
+        .arg(&mut out)
+        .arg(&codec)
+        .arg(&rb)
+        .arg(&cap)
+        .arg(&first_i)
+        .arg(&n_i)
+        .arg(&d_i)
+        .arg(&store.centroids);
+    // SAFETY: argument types and order match `kv_dequant`; out holds n_kv · n · d values.
+    unsafe { b.launch(launch_cfg((n as u32, n_kv as u32), d as u32)) }?;
+    Ok(tensor(dev, out, &[n_kv, n, d]))
+}
+
+/// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
+/// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
+/// [t · n_kv, hd] (token-major, roped); returns [t, n_head · hd].
+pub fn attention(
+    cache: &mut LayerCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    n_head: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = cuda(q)?;
+    let hd = cache.head_dim;
+    let n_kv = cache.k.n_kv_head;
+    let t = q.dims2()?.0 / n_head;
+    if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
+        bail!(
+            "context overflow: position {} exceeds the cache's {} cells",
+            pos + t,
+            cache.k.capacity
+        );
+    }
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let lo = cache
+        .sliding_window
+        .map_or(0, |w| (pos + 1).saturating_sub(w));
+    let out = if t == 1 {
+        decode(
+            &dev,
+            cache,
+            &q.contiguous()?,
+            &k,
+            &v,
+            pos,
+            lo,
+            n_head,
+            scale,
+        )?
+    } else {
+        let out = prefill(&dev, cache, q, &k, &v, pos, lo, n_head, scale)?;
+        let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
+        for (store, x) in [(&mut cache.k, &ki), (&mut cache.v, &vi)] {
+            let (rb, cap) = (store.row_bytes, store.capacity);
+            let rows = store
+                .gpu
+                .as_mut()
+                .context("layer cache is not on the GPU")?;
+            append(&dev, rows, &x.view()?, None, (t, n_kv, hd), rb, cap, pos)?;
+        }
+        out
+    };
+    Ok(out)
+}
+
+/// One query per head: append the step's K/V (keeping them at full precision in the codecs'
+/// domains), then flash-decoding over the past `lo..pos` plus the own position.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    dev: &CudaDevice,
+    cache: &mut LayerCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    lo: usize,
+    n_head: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
+    let group = n_head / n_kv;
+    let s = dev.cuda_stream();
+    let mut own_k = s.alloc_zeros::<f32>(n_kv * hd)?;
+    let mut own_v = s.alloc_zeros::<f32>(n_kv * hd)?;
+    let (ki, vi, qi) = (Input::of(k)?, Input::of(v)?, Input::of(q)?);
+    for (store, x, own) in [
+        (&mut cache.k, &ki, &mut own_k),
+        (&mut cache.v, &vi, &mut own_v),
+    ] {
+        let (rb, cap) = (store.row_bytes, store.capacity);
+        let rows = store
+            .gpu
+            .as_mut()
+            .context("layer cache is not on the GPU")?;
+        append(
+            dev,
+            rows,
+            &x.view()?,
+            Some(own),
+            (1, n_kv, hd),
+            rb,
+            cap,
+            pos,
+        )?;
+    }
+    let (kr, vr) = (
+        cache.k.gpu.as_ref().context("K cache not on the GPU")?,
+        cache.v.gpu.as_ref().context("V cache not on the GPU")?,
+    );
+    // Queries in K's domain, scaled once.
+    let q_prep = if kr.rotates {
+        tensor(
+            dev,
+            wht(dev, &qi.view()?, n_head, hd, scale, false)?,
+            &[n_head, hd],
+        )
+    } else {
+        (q * scale as f64)?
+    };
+    let qp = Input::of(&q_prep)?;
+    let n = pos - lo;
+    let n_split = n.div_ceil(SPLIT);
+    let slots = n_split + 1;
+    let mut part_max = s.alloc_zeros::<f32>(n_kv * slots * group)?;
+    let mut part_sum = s.alloc_zeros::<f32>(n_kv * slots * group)?;
+    let mut part_acc = s.alloc_zeros::<f32>(n_kv * slots * group * hd)?;
+    let f = func(dev, "kv_attn_partial")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let (kc, vc) = (kr.codec, vr.codec);
+    let (krb, vrb) = (cache.k.row_bytes as i32, cache.v.row_bytes as i32);
+    let cap = cache.k.capacity as i64;
+    let (first, n_i, ns, nq, d_i) = (lo as i32, n as i32, n_split as i32, group as i32, hd as i32);
+    let qv = qp.view()?;
+    b.arg(&qv)
+        .arg(&kr.rows)
+        .arg(&vr.rows)
+        .arg(&kc)
+        .arg(&vc)
+        .arg(&krb)
+        .arg(&vrb)
+        .arg(&kr.centroids)
+        .arg(&vr.centroids)
+        .arg(&cap)
+        .arg(&first)
+        .arg(&n_i)
+        .arg(&ns)
+        .arg(&own_k)
+        .arg(&own_v)
+        .arg(&mut part_max)
+        .arg(&mut part_sum)
+        .arg(&mut part_acc)
+        .arg(&nq)
+        .arg(&d_i);
+    // SAFETY: argument types and order match `kv_attn_partial`; partials hold n_kv · slots
+    // slots; K and V stores share capacity and head count.
+    unsafe { b.launch(launch_cfg((n_kv as u32, slots as u32), 256)) }?;
+    let mut out = s.alloc_zeros::<f32>(n_head * hd)?;
+    let f = func(dev, "kv_attn_merge")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let slots_i = slots as i32;
+    b.arg(&part_max)
+        .arg(&part_sum)
+        .arg(&part_acc)
+        .arg(&mut out)
+        .arg(&nq)
+        .arg(&d_i)
+        .arg(&slots_i);
+    let cfg = LaunchConfig {
+        grid_dim: (n_kv as u32, group as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (4 * slots) as u32,
+    };
+    // SAFETY: as above, for `kv_attn_merge`; its dynamic shared memory holds one weight per
+    // slot (48 KiB by default: 12288 slots, 3M positions).
+    unsafe { b.launch(cfg) }?;
+    let out = if vr.rotates {
+        wht(dev, &out.as_view(), n_head, hd, 1.0, true)?
+    } else {
+        out
+    };
+    drop((ki, vi, qi, qp));
+    Ok(tensor(dev, out, &[1, n_head * hd]))
+}
+
+/// Prefill: the past `lo..pos` dequantized once, the chunk's K/V at full precision, causal
+/// (and sliding-window) masked softmax attention with cuBLAS matmuls.
+#[allow(clippy::too_many_arguments)]
+fn prefill(
+    dev: &CudaDevice,
+    cache: &LayerCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    lo: usize,
+    n_head: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
+    let group = n_head / n_kv;
+    let t = q.dims2()?.0 / n_head;
+    let device = Device::Cuda(dev.clone());
+    // [t, n_kv, hd] → [n_kv, t, hd]
+    let chunk = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.reshape((t, n_kv, hd))?.transpose(0, 1)?.contiguous()?)
+    };
+    let (mut k_all, mut v_all) = (chunk(k)?, chunk(v)?);
+    let n_past = pos - lo;
+    if n_past > 0 {
+        let past = |store: &super::store::RowStore| -> Result<Tensor> {
+            let rows = store
+                .gpu
+                .as_ref()
+                .context("layer cache is not on the GPU")?;
+            dequant(
+                dev,
+                rows,
+                (n_kv, hd),
+                store.row_bytes,
+                store.capacity,
+                lo,
+                n_past,
+            )
+        };
+        k_all = Tensor::cat(&[past(&cache.k)?, k_all], 1)?;
+        v_all = Tensor::cat(&[past(&cache.v)?, v_all], 1)?;
+    }
+    let len = n_past + t;
+    // [t, n_kv, group, hd] → [n_kv, group · t, hd]
+    let qh = q
+        .reshape((t, n_kv, group, hd))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((n_kv, group * t, hd))?;
+    let scores = (qh.matmul(&k_all.t()?.contiguous()?)? * scale as f64)?;
+    // Key positions lo..pos+t against query positions pos..pos+t (repeated per group member).
+    let kpos = Tensor::arange(lo as f32, (pos + t) as f32, &device)?.reshape((1, len))?;
+    let qpos = Tensor::arange(pos as f32, (pos + t) as f32, &device)?
+        .reshape((1, t))?
+        .broadcast_as((group, t))?
+        .contiguous()?
+        .reshape((group * t, 1))?;
+    let mut visible = kpos.broadcast_le(&qpos)?.to_dtype(DType::F32)?;
+    if let Some(w) = cache.sliding_window {
+        let recent = kpos
+            .broadcast_gt(&(qpos - w as f64)?)?
+            .to_dtype(DType::F32)?;
+        visible = (visible * recent)?;
+    }
+    let bias = ((visible - 1.0)? * 1e30)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
+    let out = probs.matmul(&v_all)?;
+    Ok(out
+        .reshape((n_kv, group, t, hd))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((t, n_head * hd))?)
+}
