@@ -191,6 +191,10 @@ struct CudaCheckArgs {
     prompt: usize,
     #[arg(long, default_value_t = 24)]
     steps: usize,
+    /// Instead: time one layer's decode attention (--kv-heads, --queries, each --head-dim)
+    /// over these context lengths, per --cache-types.
+    #[arg(long, value_delimiter = ',')]
+    decode_context: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -869,6 +873,19 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }),
+        #[cfg(feature = "cuda")]
+        Command::CudaCheck(a) if !a.decode_context.is_empty() => {
+            a.cache_types.iter().try_for_each(|&ty| {
+                for &ctx in &a.decode_context {
+                    for &d in &a.head_dim {
+                        let shape = (a.kv_heads, a.queries, d);
+                        let r = dhurandhar::bench::gpu_parity::time_decode(ty, shape, ctx, a.reps)?;
+                        println!("{}", serde_json::to_string(&r)?);
+                    }
+                }
+                Ok(())
+            })
+        }
         #[cfg(feature = "cuda")]
         Command::CudaCheck(a) => a.head_dim.iter().try_for_each(|&d| {
             use dhurandhar::kv::cuda;

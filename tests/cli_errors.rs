@@ -123,6 +123,32 @@ fn unknown_cache_type() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown cache type `q9_9`"));
 }
 
+/// A CPU build asked for the GPU says how to get one; a partial `-ngl` (some layers on the
+/// CPU) is refused rather than silently ignored.
+#[test]
+fn gpu_requests_get_clear_errors() {
+    let m = common::smollm2();
+    let m = m.to_str().unwrap();
+    if !cfg!(feature = "cuda") {
+        run_fails(
+            &["run", "-m", m, "--device", "cuda", "-p", "hi"],
+            "built without CUDA",
+        );
+        run_fails(
+            &["run", "-m", m, "-ngl", "99", "-p", "hi"],
+            "built without CUDA",
+        );
+    }
+    run_fails(
+        &["run", "-m", m, "--device", "metal", "-p", "hi"],
+        "expected cpu, cuda or cuda:N",
+    );
+    run_fails(
+        &["run", "-m", m, "--device", "cpu", "-ngl", "10", "-p", "hi"],
+        "partial offload is not supported",
+    );
+}
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("dh-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();

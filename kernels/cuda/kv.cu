@@ -222,18 +222,22 @@ extern "C" __global__ void kv_dequant(const uint8_t* __restrict__ rows, float* _
 // Flash-decoding partials, one block per (KV head, slice): slices 0..n_split-1 cover the past
 // positions first..first+n (SPLIT each), slice n_split (when own_k is given) the step's own
 // position from full-precision rows. Queries q [n_kv, n_q, d] are in K's domain and already
-// scaled; V accumulates in V's domain. Partials: max, sum of weights, weighted V sum.
-extern "C" __global__ void kv_attn_partial(
-    const float* __restrict__ q, const uint8_t* __restrict__ k_rows,
-    const uint8_t* __restrict__ v_rows, int k_codec, int v_codec, int k_rb, int v_rb,
-    const float* __restrict__ k_cb, const float* __restrict__ v_cb, long long capacity, int first,
-    int n, int n_split, const float* __restrict__ own_k, const float* __restrict__ own_v,
-    float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ part_acc,
-    int n_q, int d) {
-    __shared__ float sq[MAX_Q * MAX_AD];
-    __shared__ float sw[MAX_Q * SPLIT];
+// scaled; V accumulates in V's domain. Each warp runs an online softmax over its rows (K and V
+// of a row read together, a value pair per lane and 64 values), then the block combines its
+// warps. Partials: max, sum of weights, weighted V sum relative to that max.
+template <int Q, int P>
+__device__ __forceinline__ void attn_partial(const float* __restrict__ q,
+                             const uint8_t* __restrict__ k_rows,
+                             const uint8_t* __restrict__ v_rows, int k_codec, int v_codec,
+                             int k_rb, int v_rb, const float* __restrict__ k_cb,
+                             const float* __restrict__ v_cb, long long capacity, int first, int n,
+                             int n_split, const float* __restrict__ own_k,
+                             const float* __restrict__ own_v, float* __restrict__ part_max,
+                             float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q,
+                             int d) {
+    __shared__ float sq[Q * P * 64];
     __shared__ float kcb[16], vcb[16];
-    __shared__ float smax[MAX_Q], ssum[MAX_Q];
+    __shared__ float wm[32][Q], wl[32][Q];
     const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
     const bool is_own = part == n_split;
     const int lo = is_own ? 0 : part * SPLIT;
@@ -244,90 +248,132 @@ extern "C" __global__ void kv_attn_partial(
         vcb[threadIdx.x] = v_cb ? v_cb[threadIdx.x] : 0.f;
     }
     __syncthreads();
-    const int kc = is_own ? C_F32 : k_codec, vc = is_own ? C_F32 : v_codec;
+    const int kc = k_codec, vc = v_codec;
     const int krb = is_own ? 4 * d : k_rb, vrb = is_own ? 4 * d : v_rb;
-    auto k_row = [&](int r) -> const uint8_t* {
-        if (is_own) return reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d);
-        return k_rows + ((size_t)kvh * capacity + (size_t)(first + lo + r) % capacity) * krb;
-    };
-    auto v_row = [&](int r) -> const uint8_t* {
-        if (is_own) return reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d);
-        return v_rows + ((size_t)kvh * capacity + (size_t)(first + lo + r) % capacity) * vrb;
-    };
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int pairs = d / 64;
+    float m[Q], l[Q], acc[Q][2 * P];
+#pragma unroll
+    for (int qi = 0; qi < Q; qi++) {
+        m[qi] = -INFINITY;
+        l[qi] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 2 * P; k++) acc[qi][k] = 0.f;
+    }
+#pragma unroll 2
     for (int r = warp; r < len; r += warps) {
-        const uint8_t* row = k_row(r);
-        float acc[MAX_Q];
+        const size_t slot = (size_t)(first + lo + r) % capacity;
+        const uint8_t* kr = is_own ? reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d)
+                                   : k_rows + ((size_t)kvh * capacity + slot) * krb;
+        const uint8_t* vr = is_own ? reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d)
+                                   : v_rows + ((size_t)kvh * capacity + slot) * vrb;
+        float2 kx[P], vx[P];
 #pragma unroll
-        for (int qi = 0; qi < MAX_Q; qi++) acc[qi] = 0.f;
-        for (int v = 2 * lane; v < d; v += 64) {
-            const float2 x = read_pair(kc, row, v, d, kcb);
-#pragma unroll
-            for (int qi = 0; qi < MAX_Q; qi++)
-                if (qi < n_q) acc[qi] += sq[qi * d + v] * x.x + sq[qi * d + v + 1] * x.y;
+        for (int k = 0; k < P; k++) {
+            if (k < pairs) {
+                kx[k] = read_pair(kc, kr, 2 * lane + 64 * k, d, kcb);
+                vx[k] = read_pair(vc, vr, 2 * lane + 64 * k, d, vcb);
+            }
         }
 #pragma unroll
-        for (int qi = 0; qi < MAX_Q; qi++) {
-            float s = acc[qi];
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-            if (lane == 0 && qi < n_q) sw[qi * SPLIT + r] = s;
-        }
-    }
-    __syncthreads();
-    for (int qi = warp; qi < n_q; qi += warps) {
-        float m = -INFINITY;
-        for (int r = lane; r < len; r += 32) m = fmaxf(m, sw[qi * SPLIT + r]);
-        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
-        float s = 0.f;
-        for (int r = lane; r < len; r += 32) {
-            const float e = __expf(sw[qi * SPLIT + r] - m);
-            sw[qi * SPLIT + r] = e;
-            s += e;
-        }
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-        if (lane == 0) {
-            smax[qi] = m;
-            ssum[qi] = s;
-        }
-    }
-    __syncthreads();
-    const size_t slot = (size_t)kvh * slots + part;
-    if (threadIdx.x < n_q) {
-        part_max[slot * n_q + threadIdx.x] = smax[threadIdx.x];
-        part_sum[slot * n_q + threadIdx.x] = ssum[threadIdx.x];
-    }
-    // V: (d/2 value pairs) × phases threads, phase p takes every phases-th row; the phases'
-    // sums meet in shared memory (the query buffer, free now).
-    const int cols = d / 2, phases = blockDim.x / cols;
-    const int pair = threadIdx.x % cols, phase = threadIdx.x / cols, v = 2 * pair;
-    float a0[MAX_Q], a1[MAX_Q];
+        for (int qi = 0; qi < Q; qi++) {
+            if (qi >= n_q) break;
+            float sc = 0.f;
 #pragma unroll
-    for (int qi = 0; qi < MAX_Q; qi++) a0[qi] = a1[qi] = 0.f;
-    if (phase < phases) {
-        for (int r = phase; r < len; r += phases) {
-            const float2 x = read_pair(vc, v_row(r), v, d, vcb);
-#pragma unroll
-            for (int qi = 0; qi < MAX_Q; qi++) {
-                if (qi < n_q) {
-                    const float w = sw[qi * SPLIT + r];
-                    a0[qi] += w * x.x;
-                    a1[qi] += w * x.y;
+            for (int k = 0; k < P; k++) {
+                if (k < pairs) {
+                    const int v = 2 * lane + 64 * k;
+                    sc += sq[qi * d + v] * kx[k].x + sq[qi * d + v + 1] * kx[k].y;
                 }
+            }
+            for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffff, sc, off);
+            const float mn = fmaxf(m[qi], sc);
+            const float c = __expf(m[qi] - mn), p = __expf(sc - mn);
+            m[qi] = mn;
+            l[qi] = l[qi] * c + p;
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                acc[qi][2 * k] = acc[qi][2 * k] * c + p * vx[k].x;
+                acc[qi][2 * k + 1] = acc[qi][2 * k + 1] * c + p * vx[k].y;
             }
         }
     }
-    __syncthreads();
-    for (int p = 0; p < phases; p++) {
-        if (phase == p) {
-            for (int qi = 0; qi < n_q; qi++) {
-                sq[qi * d + v] = (p == 0 ? 0.f : sq[qi * d + v]) + a0[qi];
-                sq[qi * d + v + 1] = (p == 0 ? 0.f : sq[qi * d + v + 1]) + a1[qi];
+    if (lane == 0) {
+        for (int qi = 0; qi < n_q; qi++) {
+            wm[warp][qi] = m[qi];
+            wl[warp][qi] = l[qi];
+        }
+    }
+    __syncthreads();  // every warp is done with sq: it collects the weighted V sums now
+    float scale[Q];
+#pragma unroll
+    for (int qi = 0; qi < Q; qi++) {
+        if (qi >= n_q) break;
+        float bm = -INFINITY;
+        for (int w = 0; w < warps; w++) bm = fmaxf(bm, wm[w][qi]);
+        scale[qi] = (bm == -INFINITY || m[qi] == -INFINITY) ? 0.f : __expf(m[qi] - bm);
+        if (threadIdx.x == 0) {
+            float bl = 0.f;
+            for (int w = 0; w < warps; w++)
+                if (wm[w][qi] != -INFINITY) bl += wl[w][qi] * __expf(wm[w][qi] - bm);
+            const size_t o = ((size_t)kvh * slots + part) * n_q + qi;
+            part_max[o] = bm;
+            part_sum[o] = bl;
+        }
+    }
+    for (int w = 0; w < warps; w++) {
+        if (warp == w) {
+#pragma unroll
+            for (int qi = 0; qi < Q; qi++) {
+                if (qi >= n_q) break;
+#pragma unroll
+                for (int k = 0; k < P; k++) {
+                    if (k < pairs) {
+                        const int v = qi * d + 2 * lane + 64 * k;
+                        sq[v] = (w == 0 ? 0.f : sq[v]) + scale[qi] * acc[qi][2 * k];
+                        sq[v + 1] = (w == 0 ? 0.f : sq[v + 1]) + scale[qi] * acc[qi][2 * k + 1];
+                    }
+                }
             }
         }
         __syncthreads();
     }
+    const size_t slot = (size_t)kvh * slots + part;
     for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sq[i];
 }
+
+// One instance per (GQA group bound, K codec, V codec): with the codecs known at compile time
+// the row decoding is straight-line code. The own position (full-precision rows) takes the
+// second inlined copy.
+#define ATTN_PARTIAL(NAME, Q, P, KC, VC)                                                      \
+    extern "C" __global__ void NAME(                                                           \
+        const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_codec, int v_codec, \
+        int k_rb, int v_rb, const float* k_cb, const float* v_cb, long long capacity, int first, \
+        int n, int n_split, const float* own_k, const float* own_v, float* part_max,            \
+        float* part_sum, float* part_acc, int n_q, int d) {                                    \
+        if (blockIdx.y == n_split)                                                             \
+            attn_partial<Q, P>(q, k_rows, v_rows, C_F32, C_F32, k_rb, v_rb, k_cb, v_cb,        \
+                               capacity, first, n, n_split, own_k, own_v, part_max, part_sum,  \
+                               part_acc, n_q, d);                                              \
+        else                                                                                   \
+            attn_partial<Q, P>(q, k_rows, v_rows, KC, VC, k_rb, v_rb, k_cb, v_cb, capacity,    \
+                               first, n, n_split, own_k, own_v, part_max, part_sum, part_acc,  \
+                               n_q, d);                                                        \
+    }
+
+#define ATTN_PARTIAL_V(PREFIX, Q, P, KN, KC)                   \
+    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, P, KC, C_F16)         \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, P, KC, C_TURBO4)   \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, P, KC, C_TURBO3)
+
+#define ATTN_PARTIAL_KV(PREFIX, Q, P)                      \
+    ATTN_PARTIAL_V(PREFIX, Q, P, f16, C_F16)               \
+    ATTN_PARTIAL_V(PREFIX, Q, P, turbo4, C_TURBO4)         \
+    ATTN_PARTIAL_V(PREFIX, Q, P, turbo3, C_TURBO3)
+
+// GQA groups up to 4 with heads up to 128 wide (llama 8B, SmolLM2), and the general case.
+ATTN_PARTIAL_KV(kv_attn_partial_q4, 4, 2)
+ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q, MAX_AD / 64)
 
 // Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_reduce(float x, float* red, bool is_max) {

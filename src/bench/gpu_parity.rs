@@ -211,3 +211,69 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
         out_max,
     })
 }
+
+/// Decode attention speed on the GPU: one layer of `n_kv` heads × `group` queries, `ctx`
+/// random rows of `ty` stored (prefill in 512-token chunks), then `reps` decode steps timed.
+#[derive(Debug, serde::Serialize)]
+pub struct DecodeTiming {
+    pub cache_type: String,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    pub context: usize,
+    /// Per decode step (append, attention, output), microseconds.
+    pub us: f64,
+    /// K and V bytes read per second.
+    pub gbps: f64,
+}
+
+pub fn time_decode(
+    ty: CacheType,
+    (n_kv, group, hd): (usize, usize, usize),
+    ctx: usize,
+    reps: usize,
+) -> Result<DecodeTiming> {
+    use crate::kv::LayerCache;
+    use crate::kv::store::RowStore;
+    use candle_core::{Device, Tensor};
+    let dev = DeviceChoice::Cuda(0).open()?;
+    let Device::Cuda(cd) = &dev else {
+        anyhow::bail!("cuda-check needs a GPU");
+    };
+    let store = || RowStore::on_gpu(cd, ty, n_kv, hd, ctx + reps);
+    let mut cache = LayerCache {
+        k: store()?,
+        v: store()?,
+        head_dim: hd,
+        sliding_window: None,
+    };
+    let n_head = n_kv * group;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let rand = |rows: usize| Tensor::randn(0f32, 1f32, (rows, hd), &dev);
+    let mut pos = 0;
+    while pos < ctx {
+        let t = (ctx - pos).min(512);
+        let (q, k, v) = (rand(t * n_head)?, rand(t * n_kv)?, rand(t * n_kv)?);
+        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale)?;
+        pos += t;
+    }
+    let (q, k, v) = (rand(n_head)?, rand(n_kv)?, rand(n_kv)?);
+    dev.synchronize()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale)?;
+        pos += 1;
+    }
+    dev.synchronize()?;
+    let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let bytes = (cache.k.row_bytes + cache.v.row_bytes) * n_kv * ctx;
+    Ok(DecodeTiming {
+        cache_type: ty.name().into(),
+        kv_heads: n_kv,
+        group,
+        head_dim: hd,
+        context: ctx,
+        us,
+        gbps: bytes as f64 / (us * 1e-6) / 1e9,
+    })
+}

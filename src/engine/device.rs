@@ -71,6 +71,11 @@ impl DeviceChoice {
                     // SAFETY: no tensor or buffer of this device is used from another stream.
                     unsafe { d.disable_event_tracking() };
                 }
+                // Diagnosis knob: quantized matmuls with f32 activations (dequantize-mul-mat-vec)
+                // instead of 8-bit-quantized ones (docs/CUDA.md).
+                if std::env::var_os("DH_CUDA_FORCE_DMMV").is_some() {
+                    candle_core::quantized::cuda::set_force_dmmv(true);
+                }
                 Ok(dev)
             }
             #[cfg(not(feature = "cuda"))]

@@ -10,7 +10,10 @@
 //! store's refinements): they hold the fork's plain TurboQuant rows, like `--no-kv-centering`.
 
 use anyhow::{Context, Result, bail};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, StorageRef, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -158,10 +161,30 @@ fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// Our kernel `name` on `dev`, looked up in the module once per device.
 fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    Ok(dev
+    type Table = HashMap<(DeviceId, String), CudaFunction>;
+    static FUNCS: OnceLock<Mutex<Table>> = OnceLock::new();
+    let mut table = FUNCS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| anyhow::anyhow!("CUDA kernel table poisoned"))?;
+    let key = (dev.id(), name.to_string());
+    if let Some(f) = table.get(&key) {
+        return Ok(f.clone());
+    }
+    let f = dev
         .get_or_load_custom_func(name, "dhurandhar_kv", PTX)?
-        .into_cuda_function())
+        .into_cuda_function();
+    table.insert(key, f.clone());
+    Ok(f)
+}
+
+/// Device memory for `n` values that the kernel about to run writes in full before anything
+/// reads them (no zero-fill launch).
+fn scratch(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: every caller passes the buffer to a kernel that writes all `n` values first.
+    Ok(unsafe { dev.cuda_stream().alloc::<f32>(n.max(1)) }?)
 }
 
 /// `x` [rows, hd] (rows = t · n_head, token-major) rotated for positions `pos..`;
@@ -177,7 +200,7 @@ pub fn rope(
     let (rows, hd) = x.dims2()?;
     let x = x.contiguous()?;
     let (xi, fi) = (Input::of(&x)?, Input::of(inv_freq)?);
-    let mut y = dev.cuda_stream().alloc_zeros::<f32>(rows * hd)?;
+    let mut y = scratch(&dev, rows * hd)?;
     let f = func(&dev, "kv_rope")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -205,7 +228,7 @@ fn wht(
     scale: f32,
     inverse: bool,
 ) -> Result<CudaSlice<f32>> {
-    let mut y = dev.cuda_stream().alloc_zeros::<f32>(rows * d)?;
+    let mut y = scratch(dev, rows * d)?;
     let f = func(dev, "kv_wht")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -270,7 +293,7 @@ fn dequant(
     first: usize,
     n: usize,
 ) -> Result<Tensor> {
-    let mut out = dev.cuda_stream().alloc_zeros::<f32>(n_kv * n * d)?;
+    let mut out = scratch(dev, n_kv * n * d)?;
     let f = func(dev, "kv_dequant")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -367,9 +390,8 @@ fn decode(
 ) -> Result<Tensor> {
     let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
     let group = n_head / n_kv;
-    let s = dev.cuda_stream();
-    let mut own_k = s.alloc_zeros::<f32>(n_kv * hd)?;
-    let mut own_v = s.alloc_zeros::<f32>(n_kv * hd)?;
+    let mut own_k = scratch(dev, n_kv * hd)?;
+    let mut own_v = scratch(dev, n_kv * hd)?;
     let (ki, vi, qi) = (Input::of(k)?, Input::of(v)?, Input::of(q)?);
     for (store, x, own) in [
         (&mut cache.k, &ki, &mut own_k),
@@ -409,10 +431,18 @@ fn decode(
     let n = pos - lo;
     let n_split = n.div_ceil(SPLIT);
     let slots = n_split + 1;
-    let mut part_max = s.alloc_zeros::<f32>(n_kv * slots * group)?;
-    let mut part_sum = s.alloc_zeros::<f32>(n_kv * slots * group)?;
-    let mut part_acc = s.alloc_zeros::<f32>(n_kv * slots * group * hd)?;
-    let f = func(dev, "kv_attn_partial")?;
+    let mut part_max = scratch(dev, n_kv * slots * group)?;
+    let mut part_sum = scratch(dev, n_kv * slots * group)?;
+    let mut part_acc = scratch(dev, n_kv * slots * group * hd)?;
+    // One instance per K/V codec pair, register-lean for the common shapes (kv.cu).
+    let codec_name = |c: i32| ["f16", "turbo4", "turbo3"][c as usize];
+    let partial = format!(
+        "kv_attn_partial_{}_{}_{}",
+        if group <= 4 && hd <= 128 { "q4" } else { "q8" },
+        codec_name(kr.codec),
+        codec_name(vr.codec)
+    );
+    let f = func(dev, &partial)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     let (kc, vc) = (kr.codec, vr.codec);
@@ -443,7 +473,7 @@ fn decode(
     // SAFETY: argument types and order match `kv_attn_partial`; partials hold n_kv · slots
     // slots; K and V stores share capacity and head count.
     unsafe { b.launch(launch_cfg((n_kv as u32, slots as u32), 256)) }?;
-    let mut out = s.alloc_zeros::<f32>(n_head * hd)?;
+    let mut out = scratch(dev, n_head * hd)?;
     let f = func(dev, "kv_attn_merge")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);

@@ -100,7 +100,7 @@ impl RowStore {
 
     /// A store whose rows live in GPU memory (plain rows: no centering, no sink rows).
     #[cfg(feature = "cuda")]
-    fn on_gpu(
+    pub fn on_gpu(
         dev: &candle_core::cuda_backend::CudaDevice,
         ty: CacheType,
         n_kv_head: usize,
