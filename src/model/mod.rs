@@ -115,6 +115,8 @@ pub struct Model {
     altup: Option<AltUpEnds>,
     norm: RmsNorm,
     head: Linear,
+    /// Layers whose cache shared-KV layers read (their chunk K/V are stored after the pass).
+    kv_sources: Vec<bool>,
     /// Bytes of weights as stored in the file.
     pub weight_bytes: u64,
 }
@@ -204,7 +206,11 @@ impl Model {
                 s
             }) as f64
         });
+        let kv_sources = (0..arch.n_layer)
+            .map(|il| (0..arch.n_layer).any(|j| arch.kv_source(j) == Some(il)))
+            .collect();
         Ok(Self {
+            kv_sources,
             arch,
             source: Arc::new(source),
             device: device.clone(),
@@ -255,9 +261,6 @@ impl Model {
         };
         // Chunk K/V of layers that shared-KV layers read, stored after the whole pass.
         let mut stash: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; self.blocks.len()];
-        let is_source: Vec<bool> = (0..self.blocks.len())
-            .map(|il| (0..self.blocks.len()).any(|j| self.arch.kv_source(j) == Some(il)))
-            .collect();
         let mut streams = match &self.altup {
             Some(a) => a.spread(&x)?,
             None => Vec::new(),
@@ -275,7 +278,7 @@ impl Model {
                         .as_ref()
                         .context("shared-KV layer before its source")?,
                 ),
-                None if is_source[il] => KvAccess::Source(&cache.layers[il], &mut after[0]),
+                None if self.kv_sources[il] => KvAccess::Source(&cache.layers[il], &mut after[0]),
                 None => KvAccess::Own(&mut cache.layers[il]),
             };
             let step = || -> Result<()> {
