@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::engine::sampling::argmax;
 use crate::engine::{DeviceChoice, Engine, EngineConfig};
 use crate::kv::CacheType;
 use crate::model::Logits;
@@ -29,16 +30,6 @@ pub struct ParityReport {
     pub greedy_agree: usize,
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -46,24 +37,29 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// `model` with `ty` for K and V and plain rotation-codec rows (what the GPU store holds).
+fn plain_engine(model: &Path, n_ctx: usize, ty: CacheType, device: DeviceChoice) -> Result<Engine> {
+    Engine::load(&EngineConfig {
+        model: model.to_path_buf(),
+        n_ctx,
+        cache_k: ty,
+        cache_v: ty,
+        chat_template: None,
+        kv_layer_policy: None,
+        kv_centering: false,
+        ple_resident: false,
+        kv_calibration: None,
+        device,
+        n_gpu_layers: None,
+    })
+}
+
 pub fn check(model: &Path, ty: CacheType, prompt: usize, steps: usize) -> Result<ParityReport> {
     let n_ctx = prompt + steps;
-    let load = |device| {
-        Engine::load(&EngineConfig {
-            model: model.to_path_buf(),
-            n_ctx,
-            cache_k: ty,
-            cache_v: ty,
-            chat_template: None,
-            kv_layer_policy: None,
-            kv_centering: false,
-            ple_resident: false,
-            kv_calibration: None,
-            device,
-            n_gpu_layers: None,
-        })
-    };
-    let (cpu, gpu) = (load(DeviceChoice::Cpu)?, load(DeviceChoice::Cuda(0))?);
+    let (cpu, gpu) = (
+        plain_engine(model, n_ctx, ty, DeviceChoice::Cpu)?,
+        plain_engine(model, n_ctx, ty, DeviceChoice::Cuda(0))?,
+    );
     let (mut cc, mut gc) = (cpu.alloc_cache(n_ctx)?, gpu.alloc_cache(n_ctx)?);
     let mut rng = StdRng::seed_from_u64(7);
     let vocab = cpu.model.arch.vocab as u32;
@@ -124,19 +120,7 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
     use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let gpu_dev = DeviceChoice::Cuda(0).open()?;
-    let cpu = Engine::load(&EngineConfig {
-        model: engine_model.to_path_buf(),
-        n_ctx: 64,
-        cache_k: ty,
-        cache_v: ty,
-        chat_template: None,
-        kv_layer_policy: None,
-        kv_centering: false,
-        ple_resident: false,
-        kv_calibration: None,
-        device: DeviceChoice::Cpu,
-        n_gpu_layers: None,
-    })?;
+    let cpu = plain_engine(engine_model, 64, ty, DeviceChoice::Cpu)?;
     let arch = &cpu.model.arch;
     let g = &arch.layers[0];
     let (n_head, n_kv, hd) = (g.n_head, g.n_kv_head, g.head_dim);
