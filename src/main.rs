@@ -862,7 +862,6 @@ fn main() -> ExitCode {
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
         #[cfg(feature = "cuda")]
-        #[cfg(feature = "cuda")]
         Command::CudaCheck(a) if !a.model.is_empty() => a.model.iter().try_for_each(|m| {
             a.cache_types.iter().try_for_each(|&ty| {
                 use dhurandhar::bench::gpu_parity;

@@ -8,7 +8,6 @@
 #define MAX_Q 8       // queries per KV head the attention kernel holds (a GQA group)
 #define MAX_AD 256    // widest head the attention kernel takes
 #define MAX_RD 512    // widest row the append/dequantize/WHT kernels take
-#define SPLIT 256     // past rows per flash-decoding slice
 
 // Codec ids, as src/kv/device.rs passes them.
 #define C_F16 0
@@ -219,83 +218,158 @@ extern "C" __global__ void kv_dequant(const uint8_t* __restrict__ rows, float* _
     if (i < d) out[((size_t)h * n + r) * d + i] = s[i];
 }
 
+// Values v..v+8 (v a multiple of 8) of a stored row in the codec's domain, before the group's
+// norm: turbo rows give raw centroids and their norm separately (one multiply per score or
+// weight instead of eight). f16 and f32 rows give the values and a norm of 1.
+template <int C>
+__device__ __forceinline__ float read_oct(const uint8_t* __restrict__ row, int v, int d,
+                                          const float* cb, float* x) {
+    if (C == C_F16) {
+        const uint4 w = *reinterpret_cast<const uint4*>(row + 2 * v);
+        const unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            x[2 * k] = __half2float(__ushort_as_half((unsigned short)(ws[k] & 0xffff)));
+            x[2 * k + 1] = __half2float(__ushort_as_half((unsigned short)(ws[k] >> 16)));
+        }
+        return 1.f;
+    }
+    if (C == C_F32) {
+        const float4* r = reinterpret_cast<const float4*>(row) + v / 4;
+        const float4 a = r[0], b = r[1];
+        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
+        x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+        return 1.f;
+    }
+    const int g = group_width(d), o = v % g;
+    const uint8_t* grp = row + (v / g) * group_bytes(C, g);
+    if (C == C_TURBO4) {
+        // indices two per byte, low nibble first; 16-bit loads (64-wide groups are 34 bytes)
+        const unsigned short* p =
+            reinterpret_cast<const unsigned short*>(grp + (g == 128 ? 4 : 2) + o / 2);
+        const unsigned int w = p[0] | ((unsigned int)p[1] << 16);
+#pragma unroll
+        for (int k = 0; k < 8; k++) x[k] = cb[(w >> (4 * k)) & 15];
+    } else {
+        // turbo3: low two bits four per byte, then the high bits eight per byte
+        const unsigned int lo = *reinterpret_cast<const unsigned short*>(grp + 2 + o / 4);
+        const unsigned int hi = grp[2 + g / 4 + o / 8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) x[k] = cb[((lo >> (2 * k)) & 3) | (((hi >> k) & 1) << 2)];
+    }
+    return half_at(grp);
+}
+
+#define DEC_MAX_WARPS 8  // warps a flash-decoding block may have
+
 // Flash-decoding partials, one block per (KV head, slice): slices 0..n_split-1 cover the past
-// positions first..first+n (SPLIT each), slice n_split (when own_k is given) the step's own
+// positions first..first+n (`split` each), slice n_split (when own_k is given) the step's own
 // position from full-precision rows. Queries q [n_kv, n_q, d] are in K's domain and already
-// scaled; V accumulates in V's domain. Each warp runs an online softmax over its rows (K and V
-// of a row read together, a value pair per lane and 64 values), then the block combines its
-// warps. Partials: max, sum of weights, weighted V sum relative to that max.
-template <int Q, int P>
-__device__ __forceinline__ void attn_partial(const float* __restrict__ q,
-                             const uint8_t* __restrict__ k_rows,
-                             const uint8_t* __restrict__ v_rows, int k_codec, int v_codec,
-                             int k_rb, int v_rb, const float* __restrict__ k_cb,
-                             const float* __restrict__ v_cb, long long capacity, int first, int n,
-                             int n_split, const float* __restrict__ own_k,
-                             const float* __restrict__ own_v, float* __restrict__ part_max,
-                             float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q,
-                             int d) {
-    __shared__ float sq[Q * P * 64];
+// scaled; V accumulates in V's domain. A row is read by d/8 lanes, eight values each, so a warp
+// holds 32/(d/8) rows at once; each lane group runs an online softmax over its rows U at a
+// time (one rescale per step), then groups merge by shuffles and warps through shared memory.
+// Partials: max, sum of weights, weighted V sum relative to that max.
+template <int Q, int KC, int VC, int U>
+__device__ __forceinline__ void attn_partial(
+    const float* __restrict__ q, const uint8_t* __restrict__ k_rows,
+    const uint8_t* __restrict__ v_rows, int k_rb, int v_rb, const float* __restrict__ k_cb,
+    const float* __restrict__ v_cb, long long capacity, int first, int n, int n_split,
+    const float* __restrict__ own_k, const float* __restrict__ own_v, float* __restrict__ part_max,
+    float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q, int d, int split) {
     __shared__ float kcb[16], vcb[16];
-    __shared__ float wm[32][Q], wl[32][Q];
+    __shared__ float wm[DEC_MAX_WARPS][Q], wl[DEC_MAX_WARPS][Q];
+    __shared__ float sacc[Q * MAX_AD];
     const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
     const bool is_own = part == n_split;
-    const int lo = is_own ? 0 : part * SPLIT;
-    const int len = is_own ? 1 : max(0, min(n, lo + SPLIT) - lo);
-    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) sq[i] = q[(size_t)kvh * n_q * d + i];
+    const int lo = is_own ? 0 : part * split;
+    const int len = is_own ? 1 : max(0, min(n, lo + split) - lo);
     if (threadIdx.x < 16) {
-        kcb[threadIdx.x] = k_cb ? k_cb[threadIdx.x] : 0.f;
-        vcb[threadIdx.x] = v_cb ? v_cb[threadIdx.x] : 0.f;
+        kcb[threadIdx.x] = k_cb[threadIdx.x];
+        vcb[threadIdx.x] = v_cb[threadIdx.x];
     }
-    __syncthreads();
-    const int kc = k_codec, vc = v_codec;
-    const int krb = is_own ? 4 * d : k_rb, vrb = is_own ? 4 * d : v_rb;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int pairs = d / 64;
-    float m[Q], l[Q], acc[Q][2 * P];
+    const int L = d / 8, R = 32 / L, sub = lane / L, v0 = 8 * (lane % L);
+    float qv[Q][8];
+#pragma unroll
+    for (int qi = 0; qi < Q; qi++)
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            qv[qi][k] = qi < n_q ? q[((size_t)kvh * n_q + qi) * d + v0 + k] : 0.f;
+    float m[Q], l[Q], acc[Q][8];
 #pragma unroll
     for (int qi = 0; qi < Q; qi++) {
         m[qi] = -INFINITY;
         l[qi] = 0.f;
 #pragma unroll
-        for (int k = 0; k < 2 * P; k++) acc[qi][k] = 0.f;
+        for (int k = 0; k < 8; k++) acc[qi][k] = 0.f;
     }
-#pragma unroll 2
-    for (int r = warp; r < len; r += warps) {
-        const size_t slot = (size_t)(first + lo + r) % capacity;
-        const uint8_t* kr = is_own ? reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d)
-                                   : k_rows + ((size_t)kvh * capacity + slot) * krb;
-        const uint8_t* vr = is_own ? reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d)
-                                   : v_rows + ((size_t)kvh * capacity + slot) * vrb;
-        float2 kx[P], vx[P];
+    __syncthreads();
+    const int stride = warps * R;
+    // The loop bound is the same for the whole warp, so the shuffles see every lane.
+    for (int base = warp * R; base < len; base += U * stride) {
+        float kx[U][8], vx[U][8], kn[U], vn[U];
+        bool ok[U];
 #pragma unroll
-        for (int k = 0; k < P; k++) {
-            if (k < pairs) {
-                kx[k] = read_pair(kc, kr, 2 * lane + 64 * k, d, kcb);
-                vx[k] = read_pair(vc, vr, 2 * lane + 64 * k, d, vcb);
-            }
+        for (int j = 0; j < U; j++) {
+            const int rj = base + j * stride + sub;
+            ok[j] = rj < len;
+            const int rr = ok[j] ? rj : 0;
+            const size_t slot = (size_t)(first + lo + rr) % capacity;
+            const uint8_t* kr = is_own ? reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d)
+                                       : k_rows + ((size_t)kvh * capacity + slot) * k_rb;
+            const uint8_t* vr = is_own ? reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d)
+                                       : v_rows + ((size_t)kvh * capacity + slot) * v_rb;
+            kn[j] = read_oct<KC>(kr, v0, d, kcb, kx[j]);
+            vn[j] = read_oct<VC>(vr, v0, d, vcb, vx[j]);
         }
 #pragma unroll
         for (int qi = 0; qi < Q; qi++) {
             if (qi >= n_q) break;
-            float sc = 0.f;
+            float s[U];
+            float mn = m[qi];
 #pragma unroll
-            for (int k = 0; k < P; k++) {
-                if (k < pairs) {
-                    const int v = 2 * lane + 64 * k;
-                    sc += sq[qi * d + v] * kx[k].x + sq[qi * d + v + 1] * kx[k].y;
-                }
+            for (int j = 0; j < U; j++) {
+                float dot = 0.f;
+#pragma unroll
+                for (int k = 0; k < 8; k++) dot += qv[qi][k] * kx[j][k];
+                s[j] = dot * kn[j];
+                for (int off = L / 2; off > 0; off >>= 1) s[j] += __shfl_xor_sync(0xffffffff, s[j], off);
+                if (!ok[j]) s[j] = -INFINITY;
+                mn = fmaxf(mn, s[j]);
             }
-            for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffff, sc, off);
-            const float mn = fmaxf(m[qi], sc);
-            const float c = __expf(m[qi] - mn), p = __expf(sc - mn);
+            if (mn == -INFINITY) continue;
+            const float c = __expf(m[qi] - mn);
             m[qi] = mn;
-            l[qi] = l[qi] * c + p;
+            l[qi] *= c;
 #pragma unroll
-            for (int k = 0; k < P; k++) {
-                acc[qi][2 * k] = acc[qi][2 * k] * c + p * vx[k].x;
-                acc[qi][2 * k + 1] = acc[qi][2 * k + 1] * c + p * vx[k].y;
+            for (int k = 0; k < 8; k++) acc[qi][k] *= c;
+#pragma unroll
+            for (int j = 0; j < U; j++) {
+                const float p = __expf(s[j] - mn);
+                l[qi] += p;
+                const float w = p * vn[j];
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[qi][k] += w * vx[j][k];
             }
+        }
+    }
+    // Lane groups of a warp hold the same values of different rows: merge them.
+    for (int off = L; off < 32; off <<= 1) {
+#pragma unroll
+        for (int qi = 0; qi < Q; qi++) {
+            if (qi >= n_q) break;
+            const float mo = __shfl_xor_sync(0xffffffff, m[qi], off);
+            const float lo_ = __shfl_xor_sync(0xffffffff, l[qi], off);
+            const float mn = fmaxf(m[qi], mo);
+            const float c1 = m[qi] == -INFINITY ? 0.f : __expf(m[qi] - mn);
+            const float c2 = mo == -INFINITY ? 0.f : __expf(mo - mn);
+            l[qi] = l[qi] * c1 + lo_ * c2;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float ao = __shfl_xor_sync(0xffffffff, acc[qi][k], off);
+                acc[qi][k] = acc[qi][k] * c1 + ao * c2;
+            }
+            m[qi] = mn;
         }
     }
     if (lane == 0) {
@@ -304,7 +378,7 @@ __device__ __forceinline__ void attn_partial(const float* __restrict__ q,
             wl[warp][qi] = l[qi];
         }
     }
-    __syncthreads();  // every warp is done with sq: it collects the weighted V sums now
+    __syncthreads();
     float scale[Q];
 #pragma unroll
     for (int qi = 0; qi < Q; qi++) {
@@ -322,58 +396,55 @@ __device__ __forceinline__ void attn_partial(const float* __restrict__ q,
         }
     }
     for (int w = 0; w < warps; w++) {
-        if (warp == w) {
+        if (warp == w && sub == 0) {
 #pragma unroll
             for (int qi = 0; qi < Q; qi++) {
                 if (qi >= n_q) break;
 #pragma unroll
-                for (int k = 0; k < P; k++) {
-                    if (k < pairs) {
-                        const int v = qi * d + 2 * lane + 64 * k;
-                        sq[v] = (w == 0 ? 0.f : sq[v]) + scale[qi] * acc[qi][2 * k];
-                        sq[v + 1] = (w == 0 ? 0.f : sq[v + 1]) + scale[qi] * acc[qi][2 * k + 1];
-                    }
+                for (int k = 0; k < 8; k++) {
+                    const int v = qi * d + v0 + k;
+                    sacc[v] = (w == 0 ? 0.f : sacc[v]) + scale[qi] * acc[qi][k];
                 }
             }
         }
         __syncthreads();
     }
     const size_t slot = (size_t)kvh * slots + part;
-    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sq[i];
+    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sacc[i];
 }
 
-// One instance per (GQA group bound, K codec, V codec): with the codecs known at compile time
-// the row decoding is straight-line code. The own position (full-precision rows) takes the
-// second inlined copy.
-#define ATTN_PARTIAL(NAME, Q, P, KC, VC)                                                      \
-    extern "C" __global__ void NAME(                                                           \
-        const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_codec, int v_codec, \
-        int k_rb, int v_rb, const float* k_cb, const float* v_cb, long long capacity, int first, \
-        int n, int n_split, const float* own_k, const float* own_v, float* part_max,            \
-        float* part_sum, float* part_acc, int n_q, int d) {                                    \
+// One instance per (GQA group bound, K codec, V codec, rows per step): with the codecs known at
+// compile time the row decoding is straight-line code. The own position (full-precision rows)
+// takes the second inlined copy.
+#define ATTN_PARTIAL(NAME, Q, KC, VC, U)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_MAX_WARPS) NAME(                     \
+        const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_rb, int v_rb,      \
+        const float* k_cb, const float* v_cb, long long capacity, int first, int n,            \
+        int n_split, const float* own_k, const float* own_v, float* part_max,                  \
+        float* part_sum, float* part_acc, int n_q, int d, int split) {                         \
         if (blockIdx.y == n_split)                                                             \
-            attn_partial<Q, P>(q, k_rows, v_rows, C_F32, C_F32, k_rb, v_rb, k_cb, v_cb,        \
-                               capacity, first, n, n_split, own_k, own_v, part_max, part_sum,  \
-                               part_acc, n_q, d);                                              \
+            attn_partial<Q, C_F32, C_F32, 1>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb,        \
+                                             capacity, first, n, n_split, own_k, own_v,        \
+                                             part_max, part_sum, part_acc, n_q, d, split);     \
         else                                                                                   \
-            attn_partial<Q, P>(q, k_rows, v_rows, KC, VC, k_rb, v_rb, k_cb, v_cb, capacity,    \
-                               first, n, n_split, own_k, own_v, part_max, part_sum, part_acc,  \
-                               n_q, d);                                                        \
+            attn_partial<Q, KC, VC, U>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity,    \
+                                       first, n, n_split, own_k, own_v, part_max, part_sum,    \
+                                       part_acc, n_q, d, split);                               \
     }
 
-#define ATTN_PARTIAL_V(PREFIX, Q, P, KN, KC)                   \
-    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, P, KC, C_F16)         \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, P, KC, C_TURBO4)   \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, P, KC, C_TURBO3)
+#define ATTN_PARTIAL_V(PREFIX, Q, U, KN, KC)                   \
+    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, KC, C_F16, U)         \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, KC, C_TURBO4, U)   \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, KC, C_TURBO3, U)
 
-#define ATTN_PARTIAL_KV(PREFIX, Q, P)                      \
-    ATTN_PARTIAL_V(PREFIX, Q, P, f16, C_F16)               \
-    ATTN_PARTIAL_V(PREFIX, Q, P, turbo4, C_TURBO4)         \
-    ATTN_PARTIAL_V(PREFIX, Q, P, turbo3, C_TURBO3)
+#define ATTN_PARTIAL_KV(PREFIX, Q, U)                      \
+    ATTN_PARTIAL_V(PREFIX, Q, U, f16, C_F16)               \
+    ATTN_PARTIAL_V(PREFIX, Q, U, turbo4, C_TURBO4)         \
+    ATTN_PARTIAL_V(PREFIX, Q, U, turbo3, C_TURBO3)
 
-// GQA groups up to 4 with heads up to 128 wide (llama 8B, SmolLM2), and the general case.
+// GQA groups up to 4 (llama 8B, SmolLM2), and up to 8.
 ATTN_PARTIAL_KV(kv_attn_partial_q4, 4, 2)
-ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q, MAX_AD / 64)
+ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q, 2)
 
 // Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_reduce(float x, float* red, bool is_max) {

@@ -109,6 +109,8 @@ pub struct LayerReport {
     pub rope_max_abs: f32,
     /// max |gpu − cpu| per step: chunks of 12 and 9 tokens, then three decode steps.
     pub step_max_abs: Vec<f32>,
+    /// The same steps with prefill keys in tiles of 8 (the online-softmax merge).
+    pub tiled_step_max_abs: Vec<f32>,
     pub out_max: f32,
     /// Per stored position of K head 0: bytes that differ between the two stores.
     pub k_bytes_differing: Vec<usize>,
@@ -127,6 +129,7 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
     let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
     let mut hc = KvCache::new(arch, &policy, 64, None, &Device::Cpu)?;
     let mut dc = KvCache::new(arch, &policy, 64, None, &gpu_dev)?;
+    let mut tc = KvCache::new(arch, &policy, 64, None, &gpu_dev)?;
     let mut rng = StdRng::seed_from_u64(3);
     let mut rand =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
@@ -146,7 +149,7 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
     .to_vec1::<f32>()?;
     let rope_max_abs = max_abs_diff(&want, &got);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (mut step_max_abs, mut out_max) = (Vec::new(), 0f32);
+    let (mut step_max_abs, mut tiled_step_max_abs, mut out_max) = (Vec::new(), Vec::new(), 0f32);
     let mut pos = 0;
     for t in [12, 9, 1, 1, 1] {
         let (q, k, v) = (
@@ -156,18 +159,16 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
         );
         let want = crate::kv::attention(&mut hc.layers[0], &q, &k, &v, pos, n_head, scale)?;
         let up = |x: &[f32], n: usize| Tensor::from_vec(x.to_vec(), (t * n, hd), &gpu_dev);
-        let got = crate::kv::device::attention(
-            &mut dc.layers[0],
-            &up(&q, n_head)?,
-            &up(&k, n_kv)?,
-            &up(&v, n_kv)?,
-            pos,
-            n_head,
-            scale,
-        )?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+        let (qd, kd, vd) = (up(&q, n_head)?, up(&k, n_kv)?, up(&v, n_kv)?);
+        let run = |cache: &mut KvCache, tile: usize| -> Result<Vec<f32>> {
+            let l0 = &mut cache.layers[0];
+            let out =
+                crate::kv::device::attention_tiled(l0, &qd, &kd, &vd, pos, n_head, scale, tile)?;
+            Ok(out.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let got = run(&mut dc, crate::kv::device::prefill_key_tile(t * n_head))?;
         step_max_abs.push(max_abs_diff(&want, &got));
+        tiled_step_max_abs.push(max_abs_diff(&want, &run(&mut tc, 8)?));
         out_max = want.iter().fold(out_max, |m, v| m.max(v.abs()));
         pos += t;
     }
@@ -192,6 +193,7 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
         cache_type: ty.name().into(),
         rope_max_abs,
         step_max_abs,
+        tiled_step_max_abs,
         out_max,
     })
 }

@@ -176,10 +176,14 @@ pub fn write(out: &Path, shape: Shape, n_layer: Option<usize>, ty: WeightType) -
     }
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);
+    // SentencePiece layout: control tokens, the 256 byte tokens llama.cpp looks up (`<0x0A>`),
+    // then placeholders.
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
-    tokens.extend((3..v).map(|i| s(&format!("t{i}"))));
+    tokens.extend((0..256).map(|b| s(&format!("<0x{b:02X}>"))));
+    tokens.extend((tokens.len()..v).map(|i| s(&format!("t{i}"))));
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
-    types.extend((3..v).map(|_| Value::I32(1)));
+    types.extend((0..256).map(|_| Value::I32(6)));
+    types.extend((types.len()..v).map(|_| Value::I32(1)));
     let meta: Vec<(&str, Value)> = vec![
         ("general.architecture", s("llama")),
         ("general.name", s(&format!("synthetic-{}", shape.name))),

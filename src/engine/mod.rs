@@ -152,7 +152,24 @@ impl Engine {
             n_ctx,
         };
         let types = || engine.policy.layers.iter().flat_map(|&(k, v)| [k, v]);
-        let uses_rotation = types().any(|t| t.codec().rotates());
+        // Centering needs the calibrated means only where a rotating type keeps a host cache:
+        // GPU stores hold plain rows.
+        let arch = &engine.model.arch;
+        let uses_rotation = engine
+            .policy
+            .layers
+            .iter()
+            .enumerate()
+            .any(|(il, &(k, v))| {
+                (k.codec().rotates() || v.codec().rotates())
+                    && !crate::kv::store::layer_in_device_memory(
+                        &engine.model.device,
+                        arch,
+                        il,
+                        k,
+                        v,
+                    )
+            });
         let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
         if (cfg.kv_centering && uses_rotation) || uses_spectrum {
             let mut calib = if uses_spectrum {

@@ -21,16 +21,19 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernel
 use super::CacheType;
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
-use super::store::LayerCache;
+use super::store::{LayerCache, RowStore};
 use crate::model::arch::ModelArchitecture;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 
-/// Past rows per flash-decoding slice (`SPLIT` in the kernel).
+/// Past rows per flash-decoding slice, and threads per slice's block: on the H100 at 4K and
+/// 32K positions 256 rows and 4 warps beat 512/1024 rows, 8 warps and 4 rows per lane group
+/// per step (docs/CUDA.md).
 const SPLIT: usize = 256;
-/// Queries per KV head and head width the attention kernel holds (`MAX_Q`, `MAX_AD`).
+const DECODE_THREADS: u32 = 128;
+/// Queries per KV head the attention kernel holds (`MAX_Q`); head widths are 64, 128 or 256
+/// (a row is read by d/8 lanes, a power of two dividing the warp).
 const MAX_GROUP: usize = 8;
-const MAX_HEAD_DIM: usize = 256;
 
 /// The kernels' codec ids (`C_*` in kv.cu).
 fn codec_id(ty: CacheType) -> Option<i32> {
@@ -49,8 +52,7 @@ pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheT
     codec_id(k).is_some()
         && codec_id(v).is_some()
         && !shared_kv
-        && g.head_dim <= MAX_HEAD_DIM
-        && g.head_dim.is_multiple_of(64)
+        && matches!(g.head_dim, 64 | 128 | 256)
         && g.n_head.is_multiple_of(g.n_kv_head)
         && g.n_head / g.n_kv_head <= MAX_GROUP
 }
@@ -319,6 +321,45 @@ fn dequant(
     Ok(tensor(dev, out, &[n_kv, n, d]))
 }
 
+/// Bytes the prefill score tile [n_kv, group · t, keys] may take: longer pasts are attended in
+/// key tiles with an online softmax, so a 131K-token past needs no 8 GiB score matrix.
+const PREFILL_SCORE_BYTES: usize = 256 << 20;
+
+/// Keys per prefill tile for `rows` = n_head · t query rows.
+pub fn prefill_key_tile(rows: usize) -> usize {
+    (PREFILL_SCORE_BYTES / (4 * rows)).max(256)
+}
+
+/// Where one attention call sits: queries at `pos..pos+t` see keys from `lo`.
+struct Step {
+    pos: usize,
+    lo: usize,
+    n_head: usize,
+    scale: f32,
+}
+
+fn gpu_rows(store: &RowStore) -> Result<&DeviceRows> {
+    store.gpu.as_ref().context("layer cache is not on the GPU")
+}
+
+/// Quantizes `x` [t · n_kv, hd] into `store` at `pos..`, as [`append`] does.
+fn store_rows(
+    dev: &CudaDevice,
+    store: &mut RowStore,
+    x: &Input,
+    own: Option<&mut CudaSlice<f32>>,
+    t: usize,
+    pos: usize,
+) -> Result<()> {
+    let (rb, cap, n_kv) = (store.row_bytes, store.capacity, store.n_kv_head);
+    let d = x.len / (t * n_kv);
+    let rows = store
+        .gpu
+        .as_mut()
+        .context("layer cache is not on the GPU")?;
+    append(dev, rows, &x.view()?, own, (t, n_kv, d), rb, cap, pos)
+}
+
 /// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
 /// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
 /// [t · n_kv, hd] (token-major, roped); returns [t, n_head · hd].
@@ -331,9 +372,33 @@ pub fn attention(
     n_head: usize,
     scale: f32,
 ) -> Result<Tensor> {
+    let t = q.dims2()?.0 / n_head;
+    attention_tiled(
+        cache,
+        q,
+        k,
+        v,
+        pos,
+        n_head,
+        scale,
+        prefill_key_tile(n_head * t),
+    )
+}
+
+/// [`attention`] with prefill over the past in tiles of `key_tile` keys (checks pass small
+/// tiles to exercise the merge).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_tiled(
+    cache: &mut LayerCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    n_head: usize,
+    scale: f32,
+    key_tile: usize,
+) -> Result<Tensor> {
     let dev = cuda(q)?;
-    let hd = cache.head_dim;
-    let n_kv = cache.k.n_kv_head;
     let t = q.dims2()?.0 / n_head;
     if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
         bail!(
@@ -346,115 +411,82 @@ pub fn attention(
     let lo = cache
         .sliding_window
         .map_or(0, |w| (pos + 1).saturating_sub(w));
-    let out = if t == 1 {
-        decode(
-            &dev,
-            cache,
-            &q.contiguous()?,
-            &k,
-            &v,
-            pos,
-            lo,
-            n_head,
-            scale,
-        )?
-    } else {
-        let out = prefill(&dev, cache, q, &k, &v, pos, lo, n_head, scale)?;
-        let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
-        for (store, x) in [(&mut cache.k, &ki), (&mut cache.v, &vi)] {
-            let (rb, cap) = (store.row_bytes, store.capacity);
-            let rows = store
-                .gpu
-                .as_mut()
-                .context("layer cache is not on the GPU")?;
-            append(&dev, rows, &x.view()?, None, (t, n_kv, hd), rb, cap, pos)?;
-        }
-        out
+    let step = Step {
+        pos,
+        lo,
+        n_head,
+        scale,
     };
+    if t == 1 {
+        return decode(&dev, cache, &q.contiguous()?, &k, &v, &step);
+    }
+    let out = prefill(&dev, cache, q, &k, &v, &step, key_tile.max(1))?;
+    let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
+    store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
+    store_rows(&dev, &mut cache.v, &vi, None, t, pos)?;
     Ok(out)
 }
 
 /// One query per head: append the step's K/V (keeping them at full precision in the codecs'
 /// domains), then flash-decoding over the past `lo..pos` plus the own position.
-#[allow(clippy::too_many_arguments)]
 fn decode(
     dev: &CudaDevice,
     cache: &mut LayerCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    pos: usize,
-    lo: usize,
-    n_head: usize,
-    scale: f32,
+    step: &Step,
 ) -> Result<Tensor> {
-    let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
+    let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
     let group = n_head / n_kv;
     let mut own_k = scratch(dev, n_kv * hd)?;
     let mut own_v = scratch(dev, n_kv * hd)?;
     let (ki, vi, qi) = (Input::of(k)?, Input::of(v)?, Input::of(q)?);
-    for (store, x, own) in [
-        (&mut cache.k, &ki, &mut own_k),
-        (&mut cache.v, &vi, &mut own_v),
-    ] {
-        let (rb, cap) = (store.row_bytes, store.capacity);
-        let rows = store
-            .gpu
-            .as_mut()
-            .context("layer cache is not on the GPU")?;
-        append(
-            dev,
-            rows,
-            &x.view()?,
-            Some(own),
-            (1, n_kv, hd),
-            rb,
-            cap,
-            pos,
-        )?;
-    }
-    let (kr, vr) = (
-        cache.k.gpu.as_ref().context("K cache not on the GPU")?,
-        cache.v.gpu.as_ref().context("V cache not on the GPU")?,
-    );
+    store_rows(dev, &mut cache.k, &ki, Some(&mut own_k), 1, step.pos)?;
+    store_rows(dev, &mut cache.v, &vi, Some(&mut own_v), 1, step.pos)?;
+    let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
     // Queries in K's domain, scaled once.
     let q_prep = if kr.rotates {
         tensor(
             dev,
-            wht(dev, &qi.view()?, n_head, hd, scale, false)?,
+            wht(dev, &qi.view()?, n_head, hd, step.scale, false)?,
             &[n_head, hd],
         )
     } else {
-        (q * scale as f64)?
+        (q * step.scale as f64)?
     };
     let qp = Input::of(&q_prep)?;
-    let n = pos - lo;
+    let n = step.pos - step.lo;
     let n_split = n.div_ceil(SPLIT);
     let slots = n_split + 1;
     let mut part_max = scratch(dev, n_kv * slots * group)?;
     let mut part_sum = scratch(dev, n_kv * slots * group)?;
     let mut part_acc = scratch(dev, n_kv * slots * group * hd)?;
-    // One instance per K/V codec pair, register-lean for the common shapes (kv.cu).
+    // One instance per K/V codec pair and GQA group bound (kv.cu).
     let codec_name = |c: i32| ["f16", "turbo4", "turbo3"][c as usize];
     let partial = format!(
         "kv_attn_partial_{}_{}_{}",
-        if group <= 4 && hd <= 128 { "q4" } else { "q8" },
+        if group <= 4 { "q4" } else { "q8" },
         codec_name(kr.codec),
         codec_name(vr.codec)
     );
     let f = func(dev, &partial)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (kc, vc) = (kr.codec, vr.codec);
     let (krb, vrb) = (cache.k.row_bytes as i32, cache.v.row_bytes as i32);
     let cap = cache.k.capacity as i64;
-    let (first, n_i, ns, nq, d_i) = (lo as i32, n as i32, n_split as i32, group as i32, hd as i32);
+    let split_i = SPLIT as i32;
+    let (first, n_i, ns, nq, d_i) = (
+        step.lo as i32,
+        n as i32,
+        n_split as i32,
+        group as i32,
+        hd as i32,
+    );
     let qv = qp.view()?;
     b.arg(&qv)
         .arg(&kr.rows)
         .arg(&vr.rows)
-        .arg(&kc)
-        .arg(&vc)
         .arg(&krb)
         .arg(&vrb)
         .arg(&kr.centroids)
@@ -469,10 +501,11 @@ fn decode(
         .arg(&mut part_sum)
         .arg(&mut part_acc)
         .arg(&nq)
-        .arg(&d_i);
+        .arg(&d_i)
+        .arg(&split_i);
     // SAFETY: argument types and order match `kv_attn_partial`; partials hold n_kv · slots
     // slots; K and V stores share capacity and head count.
-    unsafe { b.launch(launch_cfg((n_kv as u32, slots as u32), 256)) }?;
+    unsafe { b.launch(launch_cfg((n_kv as u32, slots as u32), DECODE_THREADS)) }?;
     let mut out = scratch(dev, n_head * hd)?;
     let f = func(dev, "kv_attn_merge")?;
     let stream = dev.cuda_stream();
@@ -502,77 +535,108 @@ fn decode(
     Ok(tensor(dev, out, &[1, n_head * hd]))
 }
 
-/// Prefill: the past `lo..pos` dequantized once, the chunk's K/V at full precision, causal
-/// (and sliding-window) masked softmax attention with cuBLAS matmuls.
-#[allow(clippy::too_many_arguments)]
+/// Prefill: causal (and sliding-window) masked softmax attention with cuBLAS matmuls over the
+/// keys `lo..pos+t`, the past dequantized and the chunk's K/V at full precision. Keys go in
+/// tiles of `key_tile` with an online softmax (running max, sum and output rescaled per tile),
+/// so memory stays bounded at any depth; one tile takes the fused softmax.
 fn prefill(
     dev: &CudaDevice,
     cache: &LayerCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    pos: usize,
-    lo: usize,
-    n_head: usize,
-    scale: f32,
+    step: &Step,
+    key_tile: usize,
 ) -> Result<Tensor> {
-    let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
+    let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
+    let (pos, lo) = (step.pos, step.lo);
     let group = n_head / n_kv;
     let t = q.dims2()?.0 / n_head;
+    let end = pos + t;
     let device = Device::Cuda(dev.clone());
     // [t, n_kv, hd] → [n_kv, t, hd]
     let chunk = |x: &Tensor| -> Result<Tensor> {
         Ok(x.reshape((t, n_kv, hd))?.transpose(0, 1)?.contiguous()?)
     };
-    let (mut k_all, mut v_all) = (chunk(k)?, chunk(v)?);
-    let n_past = pos - lo;
-    if n_past > 0 {
-        let past = |store: &super::store::RowStore| -> Result<Tensor> {
-            let rows = store
-                .gpu
-                .as_ref()
-                .context("layer cache is not on the GPU")?;
-            dequant(
-                dev,
-                rows,
-                (n_kv, hd),
-                store.row_bytes,
-                store.capacity,
-                lo,
-                n_past,
-            )
-        };
-        k_all = Tensor::cat(&[past(&cache.k)?, k_all], 1)?;
-        v_all = Tensor::cat(&[past(&cache.v)?, v_all], 1)?;
-    }
-    let len = n_past + t;
-    // [t, n_kv, group, hd] → [n_kv, group · t, hd]
-    let qh = q
+    let (k_new, v_new) = (chunk(k)?, chunk(v)?);
+    // [n_kv, group · t, hd] → [t, n_head · hd]
+    let heads_to_tokens = |o: &Tensor| -> Result<Tensor> {
+        Ok(o.reshape((n_kv, group, t, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((t, n_head * hd))?)
+    };
+    // [t, n_kv, group, hd] → [n_kv, group · t, hd], scaled once
+    let qh = (q
         .reshape((t, n_kv, group, hd))?
         .permute((1, 2, 0, 3))?
         .contiguous()?
-        .reshape((n_kv, group * t, hd))?;
-    let scores = (qh.matmul(&k_all.t()?.contiguous()?)? * scale as f64)?;
-    // Key positions lo..pos+t against query positions pos..pos+t (repeated per group member).
-    let kpos = Tensor::arange(lo as f32, (pos + t) as f32, &device)?.reshape((1, len))?;
-    let qpos = Tensor::arange(pos as f32, (pos + t) as f32, &device)?
+        .reshape((n_kv, group * t, hd))?
+        * step.scale as f64)?;
+    // Query positions, repeated per group member: [group · t, 1].
+    let qpos = Tensor::arange(pos as f32, end as f32, &device)?
         .reshape((1, t))?
         .broadcast_as((group, t))?
         .contiguous()?
         .reshape((group * t, 1))?;
-    let mut visible = kpos.broadcast_le(&qpos)?.to_dtype(DType::F32)?;
-    if let Some(w) = cache.sliding_window {
-        let recent = kpos
-            .broadcast_gt(&(qpos - w as f64)?)?
-            .to_dtype(DType::F32)?;
-        visible = (visible * recent)?;
+    // Keys a..b: the stored past below `pos`, then the chunk's own rows.
+    let keys = |store: &RowStore, new: &Tensor, a: usize, b: usize| -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(2);
+        if a < pos {
+            let rows = gpu_rows(store)?;
+            let n = b.min(pos) - a;
+            let (rb, cap) = (store.row_bytes, store.capacity);
+            parts.push(dequant(dev, rows, (n_kv, hd), rb, cap, a, n)?);
+        }
+        if b > pos {
+            let s = a.max(pos);
+            parts.push(new.narrow(1, s - pos, b - s)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    };
+    // (running max, sum of weights, weighted V sum), each [n_kv, group · t, ·]
+    let mut state: Option<(Tensor, Tensor, Tensor)> = None;
+    let mut a = lo;
+    while a < end {
+        let b = (a + key_tile).min(end);
+        let (kt, vt) = (keys(&cache.k, &k_new, a, b)?, keys(&cache.v, &v_new, a, b)?);
+        let mut scores = qh.matmul(&kt.t()?.contiguous()?)?;
+        // A key is hidden from a query above it, or (sliding) w or more below it.
+        let future = b - 1 > pos;
+        let slid = cache.sliding_window.is_some_and(|w| a + w < end);
+        if future || slid {
+            let kpos = Tensor::arange(a as f32, b as f32, &device)?.reshape((1, b - a))?;
+            let mut visible = kpos.broadcast_le(&qpos)?.to_dtype(DType::F32)?;
+            if let Some(w) = cache.sliding_window {
+                let recent = kpos
+                    .broadcast_gt(&(&qpos - w as f64)?)?
+                    .to_dtype(DType::F32)?;
+                visible = (visible * recent)?;
+            }
+            scores = scores.broadcast_add(&((visible - 1.0)? * 1e30)?)?;
+        }
+        if state.is_none() && b == end {
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            return heads_to_tokens(&probs.matmul(&vt)?);
+        }
+        let tile_max = scores.max_keepdim(2)?;
+        let m = match &state {
+            Some((m0, _, _)) => m0.maximum(&tile_max)?,
+            None => tile_max,
+        };
+        let p = scores.broadcast_sub(&m)?.exp()?;
+        let (l_tile, o_tile) = (p.sum_keepdim(2)?, p.matmul(&vt)?);
+        state = Some(match state {
+            Some((m0, l0, o0)) => {
+                let alpha = (m0 - &m)?.exp()?;
+                let l = (l0.broadcast_mul(&alpha)? + l_tile)?;
+                let o = (o0.broadcast_mul(&alpha)? + o_tile)?;
+                (m, l, o)
+            }
+            None => (m, l_tile, o_tile),
+        });
+        a = b;
     }
-    let bias = ((visible - 1.0)? * 1e30)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
-    let out = probs.matmul(&v_all)?;
-    Ok(out
-        .reshape((n_kv, group, t, hd))?
-        .permute((2, 0, 1, 3))?
-        .contiguous()?
-        .reshape((t, n_head * hd))?)
+    let (_, l, o) = state.context("prefill with no keys")?;
+    heads_to_tokens(&o.broadcast_div(&l)?)
 }

@@ -265,6 +265,23 @@ pub struct LayerCache {
     pub sliding_window: Option<usize>,
 }
 
+/// Whether layer `il` keeps its K/V in `device`'s memory (a GPU with kernels for both types);
+/// such stores hold plain rows (no calibrated centering, no sink rows).
+pub fn layer_in_device_memory(
+    device: &candle_core::Device,
+    arch: &ModelArchitecture,
+    il: usize,
+    k: CacheType,
+    v: CacheType,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return super::device::layer_on_gpu(arch, il, k, v);
+    }
+    let _ = (device, arch, il, k, v);
+    false
+}
+
 /// The KV cache of one sequence: every layer, sized for `n_ctx` tokens.
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
@@ -322,7 +339,7 @@ impl KvCache {
                 let (tk, tv) = policy.layers[il];
                 #[cfg(feature = "cuda")]
                 if let candle_core::Device::Cuda(dev) = device
-                    && super::device::layer_on_gpu(arch, il, tk, tv)
+                    && layer_in_device_memory(device, arch, il, tk, tv)
                 {
                     let store = |ty| RowStore::on_gpu(dev, ty, g.n_kv_head, g.head_dim, rows);
                     return Ok(LayerCache {
