@@ -106,6 +106,10 @@ struct PlanArgs {
     /// Plan for plain TurboQuant rows (no f16 sink rows).
     #[arg(long)]
     no_kv_centering: bool,
+    /// Plan the KV cache as a GPU run keeps it (`-ngl 99`: layers with GPU kernels store
+    /// plain rows, like `--no-kv-centering`).
+    #[arg(long = "n-gpu-layers")]
+    n_gpu_layers: Option<usize>,
     /// Leave the audio encoder out.
     #[arg(long)]
     strip_audio: bool,
@@ -518,6 +522,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     use dhurandhar::plan::memory::{PlanRequest, breakdown};
     use dhurandhar::plan::{PlanReport, devices, profile, render};
     let model = profile::resolve(&a.model)?;
+    dhurandhar::engine::device::check_gpu_layers(a.n_gpu_layers, model.arch.n_layer)?;
     let b = breakdown(
         &model,
         &PlanRequest {
@@ -527,6 +532,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
             cache_v: a.cache_type_v,
             kv_layer_policy: a.kv_layer_policy.clone(),
             kv_centering: !a.no_kv_centering,
+            gpu_kv: a.n_gpu_layers.is_some_and(|n| n > 0),
             strip_audio: a.strip_audio,
             ubatch: dhurandhar::engine::UBATCH,
         },

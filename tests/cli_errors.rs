@@ -147,6 +147,10 @@ fn gpu_requests_get_clear_errors() {
         &["run", "-m", m, "--device", "cpu", "-ngl", "10", "-p", "hi"],
         "partial offload is not supported",
     );
+    run_fails(
+        &["plan", "-m", m, "-ngl", "10"],
+        "partial offload is not supported",
+    );
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {

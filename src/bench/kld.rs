@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+use crate::engine::sampling::argmax;
 use anyhow::{Context, Result, bail};
 
 const MAGIC: &[u8; 8] = b"DHKLD1\0\0";
@@ -204,16 +205,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
         .ln()
         + max;
     row.iter().map(|&l| l as f64 - lse).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0
 }
 
 #[cfg(test)]

@@ -21,8 +21,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernel
 use super::CacheType;
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
-use super::store::{LayerCache, RowStore};
-use crate::model::arch::ModelArchitecture;
+use super::store::{GPU_TYPES, LayerCache, RowStore};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 
@@ -31,30 +30,9 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 /// per step (docs/CUDA.md).
 const SPLIT: usize = 256;
 const DECODE_THREADS: u32 = 128;
-/// Queries per KV head the attention kernel holds (`MAX_Q`); head widths are 64, 128 or 256
-/// (a row is read by d/8 lanes, a power of two dividing the warp).
-const MAX_GROUP: usize = 8;
-
-/// The kernels' codec ids (`C_*` in kv.cu).
+/// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
 fn codec_id(ty: CacheType) -> Option<i32> {
-    match ty {
-        CacheType::F16 => Some(0),
-        CacheType::Turbo4 => Some(1),
-        CacheType::Turbo3 => Some(2),
-        _ => None,
-    }
-}
-
-/// Whether layer `il` keeps its cache on the GPU when the model runs on one.
-pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
-    let g = &arch.layers[il];
-    let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
-    codec_id(k).is_some()
-        && codec_id(v).is_some()
-        && !shared_kv
-        && matches!(g.head_dim, 64 | 128 | 256)
-        && g.n_head.is_multiple_of(g.n_kv_head)
-        && g.n_head / g.n_kv_head <= MAX_GROUP
+    GPU_TYPES.iter().position(|&t| t == ty).map(|i| i as i32)
 }
 
 /// One of K or V of one layer in GPU memory.

@@ -265,8 +265,25 @@ pub struct LayerCache {
     pub sliding_window: Option<usize>,
 }
 
-/// Whether layer `il` keeps its K/V in `device`'s memory (a GPU with kernels for both types);
-/// such stores hold plain rows (no calibrated centering, no sink rows).
+/// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
+pub const GPU_TYPES: [CacheType; 3] = [CacheType::F16, CacheType::Turbo4, CacheType::Turbo3];
+
+/// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
+/// kernels, no layer shares another's K/V (those attend on the host), head_dim is one the
+/// kernels read (d/8 lanes a row, a power of two) and the GQA group fits (≤ 8 queries).
+/// Such stores hold plain rows: no calibrated centering, no sink rows.
+pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
+    let g = &arch.layers[il];
+    let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
+    GPU_TYPES.contains(&k)
+        && GPU_TYPES.contains(&v)
+        && !shared_kv
+        && matches!(g.head_dim, 64 | 128 | 256)
+        && g.n_head.is_multiple_of(g.n_kv_head)
+        && g.n_head / g.n_kv_head <= 8
+}
+
+/// Whether layer `il` keeps its K/V in `device`'s memory ([`layer_on_gpu`] on a CUDA device).
 pub fn layer_in_device_memory(
     device: &candle_core::Device,
     arch: &ModelArchitecture,
@@ -274,12 +291,7 @@ pub fn layer_in_device_memory(
     k: CacheType,
     v: CacheType,
 ) -> bool {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return super::device::layer_on_gpu(arch, il, k, v);
-    }
-    let _ = (device, arch, il, k, v);
-    false
+    device.is_cuda() && layer_on_gpu(arch, il, k, v)
 }
 
 /// The KV cache of one sequence: every layer, sized for `n_ctx` tokens.

@@ -55,6 +55,7 @@ pub fn select(model: &PlanModel, n_ctx: usize, memory_mb: f64, headroom: f64) ->
                 cache_v: v,
                 kv_layer_policy: None,
                 kv_centering: true,
+                gpu_kv: false,
                 strip_audio: false,
                 ubatch: crate::engine::UBATCH,
             },
