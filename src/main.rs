@@ -137,6 +137,9 @@ struct SelectArgs {
     /// JSON on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Size for a GPU run (`-ngl 99`): only cache types with GPU kernels, GPU store bytes.
+    #[arg(long = "n-gpu-layers")]
+    n_gpu_layers: Option<usize>,
 }
 
 #[derive(Args)]
@@ -562,18 +565,20 @@ fn plan(a: &PlanArgs) -> Result<()> {
 fn select_cmd(a: &SelectArgs) -> Result<()> {
     use dhurandhar::plan::{devices, profile, select};
     let model = profile::resolve(&a.model)?;
-    let (memory, source) = match a.memory_mb {
-        Some(m) => (m, "--memory-mb".to_string()),
+    dhurandhar::engine::device::check_gpu_layers(a.n_gpu_layers, model.arch.n_layer)?;
+    let ngl = a.n_gpu_layers.is_some_and(|n| n > 0);
+    let (memory, source, on_gpu) = match a.memory_mb {
+        Some(m) => (m, "--memory-mb".to_string(), ngl),
         None => {
             let d = devices::detected()?;
             let source = format!(
                 "detected {}: {:.0} MiB free of {:.0} MiB",
                 d.name, d.app_budget_mb, d.ram_mb
             );
-            (d.app_budget_mb, source)
+            (d.app_budget_mb, source, d.name.starts_with("cuda"))
         }
     };
-    let mut s = select::select(&model, a.ctx_size, memory, a.headroom)?;
+    let mut s = select::select(&model, a.ctx_size, memory, a.headroom, on_gpu)?;
     s.reasoning.insert(0, source);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -769,8 +774,19 @@ impl ModelArgs {
         } else {
             self.ctx_size
         };
-        let memory = devices::host()?.app_budget_mb;
-        let s = select::select(&model, n_ctx, memory, select::DEFAULT_HEADROOM)?;
+        // With the model on a GPU, the cache is sized against that GPU's free memory.
+        let on_gpu = matches!(
+            DeviceChoice::resolve(self.device, self.n_gpu_layers),
+            DeviceChoice::Cuda(_)
+        );
+        let memory = if on_gpu {
+            devices::cuda()
+                .context("-ctk auto with the GPU: no CUDA device found")?
+                .app_budget_mb
+        } else {
+            devices::host()?.app_budget_mb
+        };
+        let s = select::select(&model, n_ctx, memory, select::DEFAULT_HEADROOM, on_gpu)?;
         for line in s.reasoning.iter().chain(&s.warnings) {
             eprintln!("auto kv: {line}");
         }

@@ -201,6 +201,24 @@ fn select_steps_down_as_memory_shrinks() {
             .unwrap()
             .contains("nothing fits")
     );
+    // For a GPU run only types with GPU kernels count: turbo3 is the last rung there.
+    let gpu = [
+        "-m",
+        "llama-3.2-3b",
+        "-c",
+        "131072",
+        "--memory-mb",
+        "1024",
+        "-ngl",
+        "99",
+    ];
+    let none_gpu = select_json(&gpu);
+    assert_eq!(none_gpu["fits"], false);
+    assert_eq!(
+        (none_gpu["type_k"].as_str(), none_gpu["type_v"].as_str()),
+        (Some("turbo3"), Some("turbo3"))
+    );
+    assert!(none_gpu["flags"].as_str().unwrap().ends_with("-ngl 99"));
 }
 
 #[test]

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::memory::{PlanRequest, breakdown};
 use super::profile::PlanModel;
 use crate::kv::CacheType;
+use crate::kv::store::GPU_TYPES;
 
 /// Candidates, best quality first (docs/QUALITY.md: turbo4 costs SmolLM2 +2.7% perplexity at
 /// 0.27x f16; K is more sensitive than V, so V steps down first).
@@ -37,15 +38,29 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub const DEFAULT_HEADROOM: f64 = 0.15;
 
 /// Picks cache types for `model` at `n_ctx` tokens in `memory_mb`, keeping `headroom` (a
-/// fraction of the memory) free.
-pub fn select(model: &PlanModel, n_ctx: usize, memory_mb: f64, headroom: f64) -> Result<Selection> {
+/// fraction of the memory) free. `on_gpu`: the memory is a GPU's and the whole model runs
+/// there, so only rungs whose types have GPU kernels count (a turbo2 cache would stay in host
+/// memory and attend on the CPU), and the KV bytes are the GPU stores' (plain rows).
+pub fn select(
+    model: &PlanModel,
+    n_ctx: usize,
+    memory_mb: f64,
+    headroom: f64,
+    on_gpu: bool,
+) -> Result<Selection> {
     let budget = memory_mb * (1.0 - headroom);
     let mut reasoning = vec![format!(
-        "memory {memory_mb:.0} MiB, keeping {:.0}% free: budget {budget:.0} MiB for {} at {n_ctx} tokens",
+        "memory {memory_mb:.0} MiB{}, keeping {:.0}% free: budget {budget:.0} MiB for {} at {n_ctx} tokens",
+        if on_gpu { " (GPU)" } else { "" },
         headroom * 100.0,
         model.name
     )];
-    for (k, v) in LADDER {
+    let ladder: Vec<_> = LADDER
+        .into_iter()
+        .filter(|(k, v)| !on_gpu || (GPU_TYPES.contains(k) && GPU_TYPES.contains(v)))
+        .collect();
+    let last = ladder.len() - 1;
+    for (i, &(k, v)) in ladder.iter().enumerate() {
         let b = breakdown(
             model,
             &PlanRequest {
@@ -55,7 +70,7 @@ pub fn select(model: &PlanModel, n_ctx: usize, memory_mb: f64, headroom: f64) ->
                 cache_v: v,
                 kv_layer_policy: None,
                 kv_centering: true,
-                gpu_kv: false,
+                gpu_kv: on_gpu,
                 strip_audio: false,
                 ubatch: crate::engine::UBATCH,
             },
@@ -76,10 +91,12 @@ pub fn select(model: &PlanModel, n_ctx: usize, memory_mb: f64, headroom: f64) ->
             kv_mb: kv,
             reasoning: Vec::new(),
             warnings: Vec::new(),
-            flags: format!("-c {n_ctx} -ctk {k} -ctv {v}"),
+            flags: format!(
+                "-c {n_ctx} -ctk {k} -ctv {v}{}",
+                if on_gpu { " -ngl 99" } else { "" }
+            ),
         };
-        let last_rung = (k, v) == LADDER[LADDER.len() - 1];
-        if fits || last_rung {
+        if fits || i == last {
             let mut pick = pick;
             if !fits {
                 pick.warnings.push(format!(
