@@ -47,7 +47,7 @@ enum Command {
     Needle(NeedleArgs),
     /// Random-weight llama GGUF with a real model's shapes (llama-8b, llama-1b), for speed runs.
     Synth(SynthArgs),
-    /// The CUDA kernels against the CPU codecs on the same bytes, and their speed.
+    /// The engine on the GPU against the CPU (-m), or one layer's decode attention timed.
     #[cfg(feature = "cuda")]
     CudaCheck(CudaCheckArgs),
 }
@@ -174,21 +174,18 @@ struct ConvertArgs {
 #[cfg(feature = "cuda")]
 #[derive(Args)]
 struct CudaCheckArgs {
-    /// Rows in the cache (one head).
-    #[arg(long, default_value_t = 32768)]
-    rows: usize,
-    #[arg(long, default_value = "64,128,256", value_delimiter = ',')]
+    #[arg(long, default_value = "128", value_delimiter = ',')]
     head_dim: Vec<usize>,
     /// Queries per KV head (the GQA group).
     #[arg(long, default_value_t = 4)]
     queries: usize,
-    /// KV heads in the fused attention check (one layer).
+    /// KV heads of the timed layer.
     #[arg(long, default_value_t = 8)]
     kv_heads: usize,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     reps: usize,
-    /// Instead of the kernel checks: run these models (comma list) on the CPU and on the GPU
-    /// with the same tokens and compare logits, per --cache-types.
+    /// Instead of timing: run these models (comma list) on the CPU and on the GPU with the
+    /// same tokens and compare logits and one layer's steps, per --cache-types.
     #[arg(short = 'm', long, value_delimiter = ',')]
     model: Vec<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "f16,turbo4,turbo3")]
@@ -198,9 +195,9 @@ struct CudaCheckArgs {
     prompt: usize,
     #[arg(long, default_value_t = 24)]
     steps: usize,
-    /// Instead: time one layer's decode attention (--kv-heads, --queries, each --head-dim)
-    /// over these context lengths, per --cache-types.
-    #[arg(long, value_delimiter = ',')]
+    /// Time one layer's decode attention (--kv-heads, --queries, each --head-dim) over these
+    /// context lengths, per --cache-types.
+    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
     decode_context: Vec<usize>,
 }
 
@@ -895,26 +892,13 @@ fn main() -> ExitCode {
             })
         }),
         #[cfg(feature = "cuda")]
-        Command::CudaCheck(a) if !a.decode_context.is_empty() => {
-            a.cache_types.iter().try_for_each(|&ty| {
-                for &ctx in &a.decode_context {
-                    for &d in &a.head_dim {
-                        let shape = (a.kv_heads, a.queries, d);
-                        let r = dhurandhar::bench::gpu_parity::time_decode(ty, shape, ctx, a.reps)?;
-                        println!("{}", serde_json::to_string(&r)?);
-                    }
+        Command::CudaCheck(a) => a.cache_types.iter().try_for_each(|&ty| {
+            for &ctx in &a.decode_context {
+                for &d in &a.head_dim {
+                    let shape = (a.kv_heads, a.queries, d);
+                    let r = dhurandhar::bench::gpu_parity::time_decode(ty, shape, ctx, a.reps)?;
+                    println!("{}", serde_json::to_string(&r)?);
                 }
-                Ok(())
-            })
-        }
-        #[cfg(feature = "cuda")]
-        Command::CudaCheck(a) => a.head_dim.iter().try_for_each(|&d| {
-            use dhurandhar::kv::cuda;
-            let r = cuda::check(a.rows, d, a.queries, a.reps)?;
-            println!("{}", serde_json::to_string(&r)?);
-            if d <= 256 {
-                let r = cuda::check_attention(a.kv_heads, a.queries, a.rows, d, a.reps)?;
-                println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
         }),

@@ -5,8 +5,6 @@ pub mod attention;
 pub mod calibration;
 pub mod codec;
 #[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
 pub mod device;
 pub mod policy;
 pub mod store;
