@@ -160,15 +160,14 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
         let want = crate::kv::attention(&mut hc.layers[0], &q, &k, &v, pos, n_head, scale)?;
         let up = |x: &[f32], n: usize| Tensor::from_vec(x.to_vec(), (t * n, hd), &gpu_dev);
         let (qd, kd, vd) = (up(&q, n_head)?, up(&k, n_kv)?, up(&v, n_kv)?);
-        let run = |cache: &mut KvCache, tile: usize| -> Result<Vec<f32>> {
+        let run = |cache: &mut KvCache, tile: Option<usize>| -> Result<Vec<f32>> {
             let l0 = &mut cache.layers[0];
-            let out =
-                crate::kv::device::attention_tiled(l0, &qd, &kd, &vd, pos, n_head, scale, tile)?;
+            let out = crate::kv::device::attention(l0, &qd, &kd, &vd, pos, n_head, scale, tile)?;
             Ok(out.flatten_all()?.to_vec1::<f32>()?)
         };
-        let got = run(&mut dc, crate::kv::device::prefill_key_tile(t * n_head))?;
+        let got = run(&mut dc, None)?;
         step_max_abs.push(max_abs_diff(&want, &got));
-        tiled_step_max_abs.push(max_abs_diff(&want, &run(&mut tc, 8)?));
+        tiled_step_max_abs.push(max_abs_diff(&want, &run(&mut tc, Some(8))?));
         out_max = want.iter().fold(out_max, |m, v| m.max(v.abs()));
         pos += t;
     }
@@ -240,14 +239,14 @@ pub fn time_decode(
     while pos < ctx {
         let t = (ctx - pos).min(512);
         let (q, k, v) = (rand(t * n_head)?, rand(t * n_kv)?, rand(t * n_kv)?);
-        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale)?;
+        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale, None)?;
         pos += t;
     }
     let (q, k, v) = (rand(n_head)?, rand(n_kv)?, rand(n_kv)?);
     dev.synchronize()?;
     let t0 = std::time::Instant::now();
     for _ in 0..reps {
-        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale)?;
+        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale, None)?;
         pos += 1;
     }
     dev.synchronize()?;

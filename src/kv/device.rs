@@ -304,7 +304,7 @@ fn dequant(
 const PREFILL_SCORE_BYTES: usize = 256 << 20;
 
 /// Keys per prefill tile for `rows` = n_head · t query rows.
-pub fn prefill_key_tile(rows: usize) -> usize {
+fn prefill_key_tile(rows: usize) -> usize {
     (PREFILL_SCORE_BYTES / (4 * rows)).max(256)
 }
 
@@ -340,7 +340,10 @@ fn store_rows(
 
 /// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
 /// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
-/// [t · n_kv, hd] (token-major, roped); returns [t, n_head · hd].
+/// [t · n_kv, hd] (token-major, roped); returns [t, n_head · hd]. Prefill attends over the past
+/// in tiles of `key_tile` keys (`None`: sized by [`prefill_key_tile`]; checks pass small tiles
+/// to exercise the merge).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     cache: &mut LayerCache,
     q: &Tensor,
@@ -349,32 +352,7 @@ pub fn attention(
     pos: usize,
     n_head: usize,
     scale: f32,
-) -> Result<Tensor> {
-    let t = q.dims2()?.0 / n_head;
-    attention_tiled(
-        cache,
-        q,
-        k,
-        v,
-        pos,
-        n_head,
-        scale,
-        prefill_key_tile(n_head * t),
-    )
-}
-
-/// [`attention`] with prefill over the past in tiles of `key_tile` keys (checks pass small
-/// tiles to exercise the merge).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_tiled(
-    cache: &mut LayerCache,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pos: usize,
-    n_head: usize,
-    scale: f32,
-    key_tile: usize,
+    key_tile: Option<usize>,
 ) -> Result<Tensor> {
     let dev = cuda(q)?;
     let t = q.dims2()?.0 / n_head;
@@ -398,7 +376,10 @@ pub fn attention_tiled(
     if t == 1 {
         return decode(&dev, cache, &q.contiguous()?, &k, &v, &step);
     }
-    let out = prefill(&dev, cache, q, &k, &v, &step, key_tile.max(1))?;
+    let key_tile = key_tile
+        .unwrap_or_else(|| prefill_key_tile(n_head * t))
+        .max(1);
+    let out = prefill(&dev, cache, q, &k, &v, &step, key_tile)?;
     let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
     store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
     store_rows(&dev, &mut cache.v, &vi, None, t, pos)?;

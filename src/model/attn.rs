@@ -135,7 +135,7 @@ impl SelfAttention {
         let k = heads(k.forward(x)?, self.n_kv_head, &self.k_norm)?;
         let k = kv::device::rope(&k, freqs, self.n_kv_head, pos, neox)?;
         let v = heads(v.forward(x)?, self.n_kv_head, &self.v_norm)?;
-        let out = kv::device::attention(cache, &q, &k, &v, pos, self.n_head, self.scale)?;
+        let out = kv::device::attention(cache, &q, &k, &v, pos, self.n_head, self.scale, None)?;
         self.o.forward(&out)
     }
 
