@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Our kernels, compiled to PTX with nvcc and embedded; the driver JIT-compiles them at load.
-const KERNELS: &[&str] = &["kv"];
+const KERNELS: &[&str] = &["kv", "ops"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

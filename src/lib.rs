@@ -7,6 +7,8 @@
 pub mod bench;
 pub mod chat;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod parallel;

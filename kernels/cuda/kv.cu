@@ -128,40 +128,21 @@ extern "C" __global__ void kv_rope(const float* __restrict__ x, float* __restric
     yr[b] = x0 * sn + x1 * cs;
 }
 
-// y = scale · WHT(x) (or its inverse) per row of d values; one block of d threads per row.
-extern "C" __global__ void kv_wht(const float* __restrict__ x, float* __restrict__ y, int d,
-                                  float scale, int inverse) {
-    __shared__ float s[MAX_RD];
-    const size_t base = (size_t)blockIdx.x * d;
-    const int i = threadIdx.x;
-    if (i < d) s[i] = x[base + i];
-    wht_shared(s, d, inverse != 0);
-    if (i < d) y[base + i] = s[i] * scale;
-}
-
-// Stores rows x [t, n_kv, d] at positions pos..pos+t, quantizing with `codec` (turbo: codebook
-// `cb` and its decision points `mids`, src/kv/codec/turbo.rs's quantize_group). With `own`
-// non-null also writes each row in the codec's domain at full precision (for the decode step's
-// own position). One block of d threads per (KV head, token).
-extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __restrict__ rows,
-                                     float* __restrict__ own, int codec, int row_bytes,
-                                     long long capacity, int pos, int n_kv, int d,
-                                     const float* __restrict__ cb, const float* __restrict__ mids,
-                                     int n_mids) {
+// Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` with
+// `codec` (turbo: codebook `cb` and its decision points `mids`, src/kv/codec/turbo.rs's
+// quantize_group). With `own` non-null also writes the row in the codec's domain at full
+// precision (for the decode step's own position). Every thread of the block must call it.
+__device__ void store_row(float val, uint8_t* __restrict__ row, float* __restrict__ own,
+                          int codec, int d, const float* __restrict__ cb,
+                          const float* __restrict__ mids, int n_mids) {
     __shared__ float s[MAX_RD];
     __shared__ float warp_sums[MAX_RD / 32];
     __shared__ uint8_t codes[MAX_RD];
-    const int h = blockIdx.x, ti = blockIdx.y, i = threadIdx.x;
-    // A chunk longer than a sliding-window ring wraps onto itself: only its last `capacity`
-    // rows survive, so earlier ones are not written (blocks run in no particular order).
-    if ((long long)ti + capacity < (long long)gridDim.y) return;
-    const size_t src = ((size_t)ti * n_kv + h) * d;
-    uint8_t* row = rows + ((size_t)h * capacity + (size_t)(pos + ti) % capacity) * row_bytes;
-    const float val = i < d ? x[src + i] : 0.f;
+    const int i = threadIdx.x;
     if (codec == C_F16) {
         if (i < d) {
             put_half(row + 2 * i, val);
-            if (own) own[src + i] = val;
+            if (own) own[i] = val;
         }
         return;
     }
@@ -178,7 +159,7 @@ extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __res
     const float corrected = recon > 1e-10f ? norm / recon : norm;
     if (i < d) {
         codes[i] = (uint8_t)c;
-        if (own) own[src + i] = norm * y;
+        if (own) own[i] = norm * y;
     }
     __syncthreads();
     if (i >= d) return;
@@ -198,6 +179,82 @@ extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __res
             grp[2 + g / 4 + o / 8] = b;
         }
     }
+}
+
+// Stores rows x [t, n_kv, d] at positions pos..pos+t with `codec` (store_row); with `own`
+// non-null also writes them at full precision in the codec's domain. One block of d threads
+// per (KV head, token).
+extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __restrict__ rows,
+                                     float* __restrict__ own, int codec, int row_bytes,
+                                     long long capacity, int pos, int n_kv, int d,
+                                     const float* __restrict__ cb, const float* __restrict__ mids,
+                                     int n_mids) {
+    const int h = blockIdx.x, ti = blockIdx.y, i = threadIdx.x;
+    // A chunk longer than a sliding-window ring wraps onto itself: only its last `capacity`
+    // rows survive, so earlier ones are not written (blocks run in no particular order).
+    if ((long long)ti + capacity < (long long)gridDim.y) return;
+    const size_t src = ((size_t)ti * n_kv + h) * d;
+    uint8_t* row = rows + ((size_t)h * capacity + (size_t)(pos + ti) % capacity) * row_bytes;
+    store_row(i < d ? x[src + i] : 0.f, row, own ? own + src : nullptr, codec, d, cb, mids,
+              n_mids);
+}
+
+// RoPE of one head held in shared memory `s` (hd values) at position p, as kv_rope computes it.
+__device__ void rope_shared(float* s, const float* __restrict__ inv_freq, int hd, int p,
+                            bool neox) {
+    const int i = threadIdx.x, half = hd / 2;
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    float y0 = 0.f, y1 = 0.f;
+    if (i < half) {
+        float sn, cs;
+        sincosf((float)p * inv_freq[i], &sn, &cs);
+        const float x0 = s[a], x1 = s[b];
+        y0 = x0 * cs - x1 * sn;
+        y1 = x0 * sn + x1 * cs;
+    }
+    __syncthreads();
+    if (i < half) {
+        s[a] = y0;
+        s[b] = y1;
+    }
+    __syncthreads();
+}
+
+// Everything a decode step does before attention, in one launch (blocks of d threads): blocks
+// 0..n_head-1 rope the query heads (q [n_head, d]), rotate them into K's domain when K's codec
+// rotates, scale them into q_out; the next n_kv blocks rope K (k [n_kv, d]) and store it at
+// `pos`, the last n_kv store V; own_k / own_v get the step's rows at full precision in the
+// codecs' domains. `inv_freq` null: q and k come roped.
+extern "C" __global__ void kv_step(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ inv_freq, int neox, int pos, float* __restrict__ q_out,
+    float scale, int n_head, int n_kv, int d, long long capacity, uint8_t* __restrict__ k_rows,
+    float* __restrict__ own_k, int k_codec, int k_rb, const float* __restrict__ k_cb,
+    const float* __restrict__ k_mids, int k_n_mids, uint8_t* __restrict__ v_rows,
+    float* __restrict__ own_v, int v_codec, int v_rb, const float* __restrict__ v_cb,
+    const float* __restrict__ v_mids, int v_n_mids) {
+    __shared__ float x[MAX_RD];
+    const int blk = blockIdx.x, i = threadIdx.x;
+    const bool is_q = blk < n_head, is_k = !is_q && blk < n_head + n_kv;
+    const int h = is_q ? blk : is_k ? blk - n_head : blk - n_head - n_kv;
+    const float* src = (is_q ? q : is_k ? k : v) + (size_t)h * d;
+    if (i < d) x[i] = src[i];
+    __syncthreads();
+    if (!is_q && !is_k) {
+        store_row(i < d ? x[i] : 0.f,
+                  v_rows + ((size_t)h * capacity + (size_t)pos % capacity) * v_rb,
+                  own_v + (size_t)h * d, v_codec, d, v_cb, v_mids, v_n_mids);
+        return;
+    }
+    if (inv_freq) rope_shared(x, inv_freq, d, pos, neox != 0);
+    if (is_k) {
+        store_row(i < d ? x[i] : 0.f,
+                  k_rows + ((size_t)h * capacity + (size_t)pos % capacity) * k_rb,
+                  own_k + (size_t)h * d, k_codec, d, k_cb, k_mids, k_n_mids);
+        return;
+    }
+    if (k_codec != C_F16) wht_shared(x, d, false);
+    if (i < d) q_out[(size_t)h * d + i] = x[i] * scale;
 }
 
 // out [n_kv, n, d] = positions first..first+n of every head, decoded to values (rotation
@@ -261,190 +318,157 @@ __device__ __forceinline__ float read_oct(const uint8_t* __restrict__ row, int v
 }
 
 #define DEC_MAX_WARPS 8  // warps a flash-decoding block may have
+#define DEC_SPLIT 256    // most rows a flash-decoding slice may have
+
+// A decoding block's shared memory, declared once per kernel for both of its inlined copies.
+template <int Q>
+struct DecodeShared {
+    float kcb[16], vcb[16];
+    __align__(16) float q[Q * MAX_AD];
+    float p[DEC_SPLIT * Q];  // [row][query]: scores, then weights
+    float acc[Q * MAX_AD];
+};
 
 // Flash-decoding partials, one block per (KV head, slice): slices 0..n_split-1 cover the past
 // positions first..first+n (`split` each), slice n_split (when own_k is given) the step's own
 // position from full-precision rows. Queries q [n_kv, n_q, d] are in K's domain and already
-// scaled; V accumulates in V's domain. A row is read by d/8 lanes, eight values each, so a warp
-// holds 32/(d/8) rows at once; each lane group runs an online softmax over its rows U at a
-// time (one rescale per step), then groups merge by shuffles and warps through shared memory.
-// Partials: max, sum of weights, weighted V sum relative to that max.
-template <int Q, int KC, int VC, int U>
+// scaled; V accumulates in V's domain. Three passes over the slice, so that no running max
+// rescales the accumulators and few values live in registers: scores (a row read by d/8 lanes,
+// eight values each, the queries from shared memory), then per query the slice max and the
+// weights, then V weighted by them. Partials: max, sum of weights, weighted V sum relative to
+// that max.
+template <int Q, int KC, int VC>
 __device__ __forceinline__ void attn_partial(
     const float* __restrict__ q, const uint8_t* __restrict__ k_rows,
     const uint8_t* __restrict__ v_rows, int k_rb, int v_rb, const float* __restrict__ k_cb,
     const float* __restrict__ v_cb, long long capacity, int first, int n, int n_split,
     const float* __restrict__ own_k, const float* __restrict__ own_v, float* __restrict__ part_max,
-    float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q, int d, int split) {
-    __shared__ float kcb[16], vcb[16];
-    __shared__ float wm[DEC_MAX_WARPS][Q], wl[DEC_MAX_WARPS][Q];
-    __shared__ float sacc[Q * MAX_AD];
+    float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q, int d, int split,
+    DecodeShared<Q>& sh) {
+    float *kcb = sh.kcb, *vcb = sh.vcb, *sq = sh.q, *sp = sh.p, *sacc = sh.acc;
     const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
     const bool is_own = part == n_split;
     const int lo = is_own ? 0 : part * split;
     const int len = is_own ? 1 : max(0, min(n, lo + split) - lo);
-    if (threadIdx.x < 16) {
-        kcb[threadIdx.x] = k_cb[threadIdx.x];
-        vcb[threadIdx.x] = v_cb[threadIdx.x];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    if (tid < 16) {
+        kcb[tid] = k_cb[tid];
+        vcb[tid] = v_cb[tid];
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int i = tid; i < n_q * d; i += blockDim.x) {
+        sq[i] = q[(size_t)kvh * n_q * d + i];
+        sacc[i] = 0.f;
+    }
+    __syncthreads();
     const int L = d / 8, R = 32 / L, sub = lane / L, v0 = 8 * (lane % L);
-    float qv[Q][8];
+    const int stride = warps * R;
+    auto row_of = [&](const uint8_t* rows, const float* own, int rb, int r) {
+        const size_t slot = (size_t)(first + lo + r) % capacity;
+        return is_own ? reinterpret_cast<const uint8_t*>(own + (size_t)kvh * d)
+                      : rows + ((size_t)kvh * capacity + slot) * rb;
+    };
+    // Scores. The loop bound is the same for the whole warp, so the shuffles see every lane.
+    for (int r0 = warp * R; r0 < len; r0 += stride) {
+        const int r = r0 + sub;
+        float kx[8];
+        const float kn = read_oct<KC>(row_of(k_rows, own_k, k_rb, r < len ? r : 0), v0, d, kcb, kx);
+#pragma unroll
+        for (int qi = 0; qi < Q; qi++) {
+            if (qi >= n_q) break;
+            const float4 a = *reinterpret_cast<const float4*>(sq + qi * d + v0);
+            const float4 b = *reinterpret_cast<const float4*>(sq + qi * d + v0 + 4);
+            float s = a.x * kx[0] + a.y * kx[1] + a.z * kx[2] + a.w * kx[3] + b.x * kx[4] +
+                      b.y * kx[5] + b.z * kx[6] + b.w * kx[7];
+            for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+            if (r < len && lane % L == 0) sp[r * Q + qi] = s * kn;
+        }
+    }
+    __syncthreads();
+    // Per query (a warp each): the slice max, the weights in place of the scores, their sum.
+    for (int qi = warp; qi < n_q; qi += warps) {
+        float m = -INFINITY;
+        for (int r = lane; r < len; r += 32) m = fmaxf(m, sp[r * Q + qi]);
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+        float l = 0.f;
+        for (int r = lane; r < len; r += 32) {
+            const float p = __expf(sp[r * Q + qi] - m);
+            sp[r * Q + qi] = p;
+            l += p;
+        }
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
+        if (lane == 0) {
+            const size_t o = ((size_t)kvh * slots + part) * n_q + qi;
+            part_max[o] = m;
+            part_sum[o] = l;
+        }
+    }
+    __syncthreads();
+    // V weighted by the weights: no shuffles inside, so lanes past the slice may leave early.
+    float acc[Q][8];
 #pragma unroll
     for (int qi = 0; qi < Q; qi++)
 #pragma unroll
-        for (int k = 0; k < 8; k++)
-            qv[qi][k] = qi < n_q ? q[((size_t)kvh * n_q + qi) * d + v0 + k] : 0.f;
-    float m[Q], l[Q], acc[Q][8];
-#pragma unroll
-    for (int qi = 0; qi < Q; qi++) {
-        m[qi] = -INFINITY;
-        l[qi] = 0.f;
-#pragma unroll
         for (int k = 0; k < 8; k++) acc[qi][k] = 0.f;
-    }
-    __syncthreads();
-    const int stride = warps * R;
-    // The loop bound is the same for the whole warp, so the shuffles see every lane.
-    for (int base = warp * R; base < len; base += U * stride) {
-        float kx[U][8], vx[U][8], kn[U], vn[U];
-        bool ok[U];
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            const int rj = base + j * stride + sub;
-            ok[j] = rj < len;
-            const int rr = ok[j] ? rj : 0;
-            const size_t slot = (size_t)(first + lo + rr) % capacity;
-            const uint8_t* kr = is_own ? reinterpret_cast<const uint8_t*>(own_k + (size_t)kvh * d)
-                                       : k_rows + ((size_t)kvh * capacity + slot) * k_rb;
-            const uint8_t* vr = is_own ? reinterpret_cast<const uint8_t*>(own_v + (size_t)kvh * d)
-                                       : v_rows + ((size_t)kvh * capacity + slot) * v_rb;
-            kn[j] = read_oct<KC>(kr, v0, d, kcb, kx[j]);
-            vn[j] = read_oct<VC>(vr, v0, d, vcb, vx[j]);
-        }
+    for (int r = warp * R + sub; r < len; r += stride) {
+        float vx[8];
+        const float vn = read_oct<VC>(row_of(v_rows, own_v, v_rb, r), v0, d, vcb, vx);
 #pragma unroll
         for (int qi = 0; qi < Q; qi++) {
             if (qi >= n_q) break;
-            float s[U];
-            float mn = m[qi];
+            const float w = sp[r * Q + qi] * vn;
 #pragma unroll
-            for (int j = 0; j < U; j++) {
-                float dot = 0.f;
-#pragma unroll
-                for (int k = 0; k < 8; k++) dot += qv[qi][k] * kx[j][k];
-                s[j] = dot * kn[j];
-                for (int off = L / 2; off > 0; off >>= 1) s[j] += __shfl_xor_sync(0xffffffff, s[j], off);
-                if (!ok[j]) s[j] = -INFINITY;
-                mn = fmaxf(mn, s[j]);
-            }
-            if (mn == -INFINITY) continue;
-            const float c = __expf(m[qi] - mn);
-            m[qi] = mn;
-            l[qi] *= c;
-#pragma unroll
-            for (int k = 0; k < 8; k++) acc[qi][k] *= c;
-#pragma unroll
-            for (int j = 0; j < U; j++) {
-                const float p = __expf(s[j] - mn);
-                l[qi] += p;
-                const float w = p * vn[j];
-#pragma unroll
-                for (int k = 0; k < 8; k++) acc[qi][k] += w * vx[j][k];
-            }
+            for (int k = 0; k < 8; k++) acc[qi][k] += w * vx[k];
         }
     }
-    // Lane groups of a warp hold the same values of different rows: merge them.
-    for (int off = L; off < 32; off <<= 1) {
-#pragma unroll
-        for (int qi = 0; qi < Q; qi++) {
-            if (qi >= n_q) break;
-            const float mo = __shfl_xor_sync(0xffffffff, m[qi], off);
-            const float lo_ = __shfl_xor_sync(0xffffffff, l[qi], off);
-            const float mn = fmaxf(m[qi], mo);
-            const float c1 = m[qi] == -INFINITY ? 0.f : __expf(m[qi] - mn);
-            const float c2 = mo == -INFINITY ? 0.f : __expf(mo - mn);
-            l[qi] = l[qi] * c1 + lo_ * c2;
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float ao = __shfl_xor_sync(0xffffffff, acc[qi][k], off);
-                acc[qi][k] = acc[qi][k] * c1 + ao * c2;
-            }
-            m[qi] = mn;
-        }
-    }
-    if (lane == 0) {
-        for (int qi = 0; qi < n_q; qi++) {
-            wm[warp][qi] = m[qi];
-            wl[warp][qi] = l[qi];
-        }
-    }
-    __syncthreads();
-    float scale[Q];
+    // Lane groups of a warp hold the same values of different rows; warps add in shared memory.
 #pragma unroll
     for (int qi = 0; qi < Q; qi++) {
         if (qi >= n_q) break;
-        float bm = -INFINITY;
-        for (int w = 0; w < warps; w++) bm = fmaxf(bm, wm[w][qi]);
-        scale[qi] = (bm == -INFINITY || m[qi] == -INFINITY) ? 0.f : __expf(m[qi] - bm);
-        if (threadIdx.x == 0) {
-            float bl = 0.f;
-            for (int w = 0; w < warps; w++)
-                if (wm[w][qi] != -INFINITY) bl += wl[w][qi] * __expf(wm[w][qi] - bm);
-            const size_t o = ((size_t)kvh * slots + part) * n_q + qi;
-            part_max[o] = bm;
-            part_sum[o] = bl;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            for (int off = L; off < 32; off <<= 1)
+                acc[qi][k] += __shfl_xor_sync(0xffffffff, acc[qi][k], off);
+            if (sub == 0) atomicAdd(sacc + qi * d + v0 + k, acc[qi][k]);
         }
     }
-    for (int w = 0; w < warps; w++) {
-        if (warp == w && sub == 0) {
-#pragma unroll
-            for (int qi = 0; qi < Q; qi++) {
-                if (qi >= n_q) break;
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const int v = qi * d + v0 + k;
-                    sacc[v] = (w == 0 ? 0.f : sacc[v]) + scale[qi] * acc[qi][k];
-                }
-            }
-        }
-        __syncthreads();
-    }
+    __syncthreads();
     const size_t slot = (size_t)kvh * slots + part;
-    for (int i = threadIdx.x; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sacc[i];
+    for (int i = tid; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sacc[i];
 }
 
-// One instance per (GQA group bound, K codec, V codec, rows per step): with the codecs known at
-// compile time the row decoding is straight-line code. The own position (full-precision rows)
+// One instance per (GQA group bound, K codec, V codec): with the codecs known at compile time
+// the row decoding is straight-line code. The own position (full-precision rows)
 // takes the second inlined copy.
-#define ATTN_PARTIAL(NAME, Q, KC, VC, U)                                                       \
+#define ATTN_PARTIAL(NAME, Q, KC, VC)                                                          \
     extern "C" __global__ void __launch_bounds__(32 * DEC_MAX_WARPS) NAME(                     \
         const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_rb, int v_rb,      \
         const float* k_cb, const float* v_cb, long long capacity, int first, int n,            \
         int n_split, const float* own_k, const float* own_v, float* part_max,                  \
         float* part_sum, float* part_acc, int n_q, int d, int split) {                         \
+        __shared__ DecodeShared<Q> sh;                                                         \
         if (blockIdx.y == n_split)                                                             \
-            attn_partial<Q, C_F32, C_F32, 1>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb,        \
-                                             capacity, first, n, n_split, own_k, own_v,        \
-                                             part_max, part_sum, part_acc, n_q, d, split);     \
+            attn_partial<Q, C_F32, C_F32>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity, \
+                                          first, n, n_split, own_k, own_v, part_max, part_sum, \
+                                          part_acc, n_q, d, split, sh);                        \
         else                                                                                   \
-            attn_partial<Q, KC, VC, U>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity,    \
-                                       first, n, n_split, own_k, own_v, part_max, part_sum,    \
-                                       part_acc, n_q, d, split);                               \
+            attn_partial<Q, KC, VC>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity,       \
+                                    first, n, n_split, own_k, own_v, part_max, part_sum,       \
+                                    part_acc, n_q, d, split, sh);                              \
     }
 
-#define ATTN_PARTIAL_V(PREFIX, Q, U, KN, KC)                   \
-    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, KC, C_F16, U)         \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, KC, C_TURBO4, U)   \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, KC, C_TURBO3, U)
+#define ATTN_PARTIAL_V(PREFIX, Q, KN, KC)                   \
+    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, KC, C_F16)         \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, KC, C_TURBO4)   \
+    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, KC, C_TURBO3)
 
-#define ATTN_PARTIAL_KV(PREFIX, Q, U)                      \
-    ATTN_PARTIAL_V(PREFIX, Q, U, f16, C_F16)               \
-    ATTN_PARTIAL_V(PREFIX, Q, U, turbo4, C_TURBO4)         \
-    ATTN_PARTIAL_V(PREFIX, Q, U, turbo3, C_TURBO3)
+#define ATTN_PARTIAL_KV(PREFIX, Q)                      \
+    ATTN_PARTIAL_V(PREFIX, Q, f16, C_F16)               \
+    ATTN_PARTIAL_V(PREFIX, Q, turbo4, C_TURBO4)         \
+    ATTN_PARTIAL_V(PREFIX, Q, turbo3, C_TURBO3)
 
 // GQA groups up to 4 (llama 8B, SmolLM2), and up to 8.
-ATTN_PARTIAL_KV(kv_attn_partial_q4, 4, 2)
-ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q, 2)
+ATTN_PARTIAL_KV(kv_attn_partial_q4, 4)
+ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q)
 
 // Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_reduce(float x, float* red, bool is_max) {
@@ -461,13 +485,14 @@ __device__ float block_reduce(float x, float* red, bool is_max) {
     return r;
 }
 
-// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials;
-// one block per (KV head, query): slot weights in shared memory (`slots` floats, dynamic),
-// then (value × phase) threads sum over the slots.
+// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials,
+// rotated back out of V's domain when `inverse`; one block per (KV head, query): slot weights
+// in shared memory (`slots` floats, dynamic), then (value × phase) threads sum over the slots.
 extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
                                          const float* __restrict__ part_sum,
                                          const float* __restrict__ part_acc,
-                                         float* __restrict__ out, int n_q, int d, int slots) {
+                                         float* __restrict__ out, int n_q, int d, int slots,
+                                         int inverse) {
     extern __shared__ float weight[];
     __shared__ float red[32];
     __shared__ float sums[1024];
@@ -492,8 +517,12 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
             num += weight[s] * part_acc[((base + s) * n_q + qi) * d + v];
     sums[tid] = num;
     __syncthreads();
+    __syncthreads();
     if (phase == 0) {
         for (int p = 1; p < phases; p++) num += sums[p * d + v];
-        out[((size_t)kvh * n_q + qi) * d + v] = den > 0.f ? num / den : 0.f;
+        sums[v] = den > 0.f ? num / den : 0.f;
     }
+    __syncthreads();
+    if (inverse) wht_shared(sums, d, true);
+    if (tid < d) out[((size_t)kvh * n_q + qi) * d + tid] = sums[tid];
 }

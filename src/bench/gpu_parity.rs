@@ -157,12 +157,30 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
             rand(t * n_kv * hd),
             rand(t * n_kv * hd),
         );
-        let want = crate::kv::attention(&mut hc.layers[0], &q, &k, &v, pos, n_head, scale)?;
+        // The CPU attends over roped copies; the GPU ropes inside (fused into the decode step).
+        let (mut qr, mut kr) = (q.clone(), k.clone());
+        rope.apply(&mut qr, pos, n_head);
+        rope.apply(&mut kr, pos, n_kv);
+        let want = crate::kv::attention(&mut hc.layers[0], &qr, &kr, &v, pos, n_head, scale)?;
         let up = |x: &[f32], n: usize| Tensor::from_vec(x.to_vec(), (t * n, hd), &gpu_dev);
         let (qd, kd, vd) = (up(&q, n_head)?, up(&k, n_kv)?, up(&v, n_kv)?);
+        let rotary = crate::kv::device::Rotary {
+            inv_freq: &freqs,
+            neox: true,
+        };
         let run = |cache: &mut KvCache, tile: Option<usize>| -> Result<Vec<f32>> {
             let l0 = &mut cache.layers[0];
-            let out = crate::kv::device::attention(l0, &qd, &kd, &vd, pos, n_head, scale, tile)?;
+            let out = crate::kv::device::attention(
+                l0,
+                &qd,
+                &kd,
+                &vd,
+                Some(&rotary),
+                pos,
+                n_head,
+                scale,
+                tile,
+            )?;
             Ok(out.flatten_all()?.to_vec1::<f32>()?)
         };
         let got = run(&mut dc, None)?;
@@ -206,7 +224,7 @@ pub struct DecodeTiming {
     pub group: usize,
     pub head_dim: usize,
     pub context: usize,
-    /// Per decode step (append, attention, output), microseconds.
+    /// Per decode step (RoPE, append, attention, output), microseconds.
     pub us: f64,
     /// K and V bytes read per second.
     pub gbps: f64,
@@ -220,6 +238,8 @@ pub fn time_decode(
 ) -> Result<DecodeTiming> {
     use crate::kv::LayerCache;
     use crate::kv::store::RowStore;
+    use crate::model::arch::RopeStyle;
+    use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let dev = DeviceChoice::Cuda(0).open()?;
     let Device::Cuda(cd) = &dev else {
@@ -239,14 +259,30 @@ pub fn time_decode(
     while pos < ctx {
         let t = (ctx - pos).min(512);
         let (q, k, v) = (rand(t * n_head)?, rand(t * n_kv)?, rand(t * n_kv)?);
-        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale, None)?;
+        crate::kv::device::attention(&mut cache, &q, &k, &v, None, pos, n_head, scale, None)?;
         pos += t;
     }
     let (q, k, v) = (rand(n_head)?, rand(n_kv)?, rand(n_kv)?);
+    let rope = Rope::new(500000.0, hd, 1.0, RopeStyle::Interleaved, false);
+    let inv_freq = Tensor::new(rope.inv_freq(), &dev)?;
+    let rotary = crate::kv::device::Rotary {
+        inv_freq: &inv_freq,
+        neox: false,
+    };
     dev.synchronize()?;
     let t0 = std::time::Instant::now();
     for _ in 0..reps {
-        crate::kv::device::attention(&mut cache, &q, &k, &v, pos, n_head, scale, None)?;
+        crate::kv::device::attention(
+            &mut cache,
+            &q,
+            &k,
+            &v,
+            Some(&rotary),
+            pos,
+            n_head,
+            scale,
+            None,
+        )?;
         pos += 1;
     }
     dev.synchronize()?;

@@ -10,13 +10,12 @@
 //! store's refinements): they hold the fork's plain TurboQuant rows, like `--no-kv-centering`.
 
 use anyhow::{Context, Result, bail};
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 
 use super::CacheType;
 use super::codec::lloyd_max;
@@ -25,9 +24,9 @@ use super::store::{GPU_TYPES, LayerCache, RowStore};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 
-/// Past rows per flash-decoding slice, and threads per slice's block: on the H100 at 4K and
-/// 32K positions 256 rows and 4 warps beat 512/1024 rows, 8 warps and 4 rows per lane group
-/// per step (docs/CUDA.md).
+/// Past rows per flash-decoding slice (at most kv.cu's DEC_SPLIT, the slice's score buffer), and
+/// threads per slice's block: on the H100 at 4K and 32K positions 256 rows and 4 warps beat
+/// 512/1024 rows and 8 warps (docs/CUDA.md).
 const SPLIT: usize = 256;
 const DECODE_THREADS: u32 = 128;
 /// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
@@ -88,83 +87,9 @@ impl DeviceRows {
     }
 }
 
-fn cuda(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d.clone()),
-        _ => bail!("expected a tensor on the GPU"),
-    }
-}
-
-/// A contiguous f32 tensor's storage, held while a kernel reads it.
-struct Input<'a> {
-    storage: StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> Input<'a> {
-    fn of(t: &'a Tensor) -> Result<Self> {
-        if t.dtype() != DType::F32 {
-            bail!("GPU attention takes f32 tensors, got {:?}", t.dtype());
-        }
-        let (storage, layout) = t.storage_and_layout();
-        if !layout.is_contiguous() {
-            bail!("GPU attention takes contiguous tensors");
-        }
-        Ok(Self {
-            storage,
-            start: layout.start_offset(),
-            len: layout.shape().elem_count(),
-        })
-    }
-
-    fn view(&self) -> Result<CudaView<'_, f32>> {
-        match &*self.storage {
-            Storage::Cuda(c) => Ok(c
-                .as_cuda_slice::<f32>()?
-                .slice(self.start..self.start + self.len)),
-            _ => bail!("expected a tensor on the GPU"),
-        }
-    }
-}
-
-fn tensor(dev: &CudaDevice, slice: CudaSlice<f32>, shape: &[usize]) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
-}
-
-fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Our kernel `name` on `dev`, looked up in the module once per device.
+/// Our kernel `name` (kv.cu) on `dev`.
 fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    type Table = HashMap<(DeviceId, String), CudaFunction>;
-    static FUNCS: OnceLock<Mutex<Table>> = OnceLock::new();
-    let mut table = FUNCS
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| anyhow::anyhow!("CUDA kernel table poisoned"))?;
-    let key = (dev.id(), name.to_string());
-    if let Some(f) = table.get(&key) {
-        return Ok(f.clone());
-    }
-    let f = dev
-        .get_or_load_custom_func(name, "dhurandhar_kv", PTX)?
-        .into_cuda_function();
-    table.insert(key, f.clone());
-    Ok(f)
-}
-
-/// Device memory for `n` values that the kernel about to run writes in full before anything
-/// reads them (no zero-fill launch).
-fn scratch(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
-    // SAFETY: every caller passes the buffer to a kernel that writes all `n` values first.
-    Ok(unsafe { dev.cuda_stream().alloc::<f32>(n.max(1)) }?)
+    gpu::func(dev, "dhurandhar_kv", PTX, name)
 }
 
 /// `x` [rows, hd] (rows = t · n_head, token-major) rotated for positions `pos..`;
@@ -197,26 +122,6 @@ pub fn rope(
     unsafe { b.launch(launch_cfg((rows as u32, 1), (hd / 2) as u32)) }?;
     drop((xi, fi));
     Ok(tensor(&dev, y, &[rows, hd]))
-}
-
-/// `x` [rows, d] → scale · WHT(x) per 64/128-wide group (or the inverse rotation).
-fn wht(
-    dev: &CudaDevice,
-    x: &CudaView<f32>,
-    rows: usize,
-    d: usize,
-    scale: f32,
-    inverse: bool,
-) -> Result<CudaSlice<f32>> {
-    let mut y = scratch(dev, rows * d)?;
-    let f = func(dev, "kv_wht")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    let (d_i, inv) = (d as i32, inverse as i32);
-    b.arg(x).arg(&mut y).arg(&d_i).arg(&scale).arg(&inv);
-    // SAFETY: argument types and order match `kv_wht`; y holds rows · d values.
-    unsafe { b.launch(launch_cfg((rows as u32, 1), d as u32)) }?;
-    Ok(y)
 }
 
 /// Quantizes `x` [t · n_kv, d] (token-major) into the store at positions `pos..pos+t`; with
@@ -330,7 +235,7 @@ fn store_rows(
     pos: usize,
 ) -> Result<()> {
     let (rb, cap, n_kv) = (store.row_bytes, store.capacity, store.n_kv_head);
-    let d = x.len / (t * n_kv);
+    let d = x.values() / (t * n_kv);
     let rows = store
         .gpu
         .as_mut()
@@ -338,17 +243,25 @@ fn store_rows(
     append(dev, rows, &x.view()?, own, (t, n_kv, d), rb, cap, pos)
 }
 
+/// RoPE for the queries and keys an attention call takes: frequencies [hd/2] on the device and
+/// the pairing.
+pub struct Rotary<'a> {
+    pub inv_freq: &'a Tensor,
+    pub neox: bool,
+}
+
 /// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
 /// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
-/// [t · n_kv, hd] (token-major, roped); returns [t, n_head · hd]. Prefill attends over the past
-/// in tiles of `key_tile` keys (`None`: sized by [`prefill_key_tile`]; checks pass small tiles
-/// to exercise the merge).
+/// [t · n_kv, hd] (token-major; q and k roped here when `rope` is given); returns
+/// [t, n_head · hd]. Prefill attends over the past in tiles of `key_tile` keys (`None`: sized by
+/// [`prefill_key_tile`]; checks pass small tiles to exercise the merge).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     cache: &mut LayerCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    rope: Option<&Rotary>,
     pos: usize,
     n_head: usize,
     scale: f32,
@@ -363,7 +276,7 @@ pub fn attention(
             cache.k.capacity
         );
     }
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let lo = cache
         .sliding_window
         .map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -374,47 +287,101 @@ pub fn attention(
         scale,
     };
     if t == 1 {
-        return decode(&dev, cache, &q.contiguous()?, &k, &v, &step);
+        return decode(&dev, cache, &q, &k, &v, rope, &step);
     }
+    let (q, k) = match rope {
+        Some(r) => (
+            self::rope(&q, r.inv_freq, n_head, pos, r.neox)?,
+            self::rope(&k, r.inv_freq, cache.k.n_kv_head, pos, r.neox)?,
+        ),
+        None => (q, k),
+    };
     let key_tile = key_tile
         .unwrap_or_else(|| prefill_key_tile(n_head * t))
         .max(1);
-    let out = prefill(&dev, cache, q, &k, &v, &step, key_tile)?;
+    let out = prefill(&dev, cache, &q, &k, &v, &step, key_tile)?;
     let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
     store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
     store_rows(&dev, &mut cache.v, &vi, None, t, pos)?;
     Ok(out)
 }
 
-/// One query per head: append the step's K/V (keeping them at full precision in the codecs'
-/// domains), then flash-decoding over the past `lo..pos` plus the own position.
+/// One query per head, in three launches: `kv_step` (rope, the query into K's domain, the
+/// step's K/V appended and kept at full precision in the codecs' domains), flash-decoding
+/// partials over the past `lo..pos` plus the own position, and their merge (V rotated back).
 fn decode(
     dev: &CudaDevice,
     cache: &mut LayerCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    rope: Option<&Rotary>,
     step: &Step,
 ) -> Result<Tensor> {
     let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
     let group = n_head / n_kv;
     let mut own_k = scratch(dev, n_kv * hd)?;
     let mut own_v = scratch(dev, n_kv * hd)?;
-    let (ki, vi, qi) = (Input::of(k)?, Input::of(v)?, Input::of(q)?);
-    store_rows(dev, &mut cache.k, &ki, Some(&mut own_k), 1, step.pos)?;
-    store_rows(dev, &mut cache.v, &vi, Some(&mut own_v), 1, step.pos)?;
+    let mut q_prep = scratch(dev, n_head * hd)?;
+    let (krb, vrb) = (cache.k.row_bytes as i32, cache.v.row_bytes as i32);
+    let cap = cache.k.capacity as i64;
+    let (qi, ki, vi) = (Input::of(q)?, Input::of(k)?, Input::of(v)?);
+    let freqs = rope.map(|r| Input::of(r.inv_freq)).transpose()?;
+    {
+        let (kr, vr) = (
+            cache
+                .k
+                .gpu
+                .as_mut()
+                .context("layer cache is not on the GPU")?,
+            cache
+                .v
+                .gpu
+                .as_mut()
+                .context("layer cache is not on the GPU")?,
+        );
+        let f = func(dev, "kv_step")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (qv, kv, vv) = (qi.view()?, ki.view()?, vi.view()?);
+        let fv = freqs.as_ref().map(|f| f.view()).transpose()?;
+        let null = 0u64;
+        let (neox, pos_i) = (rope.is_some_and(|r| r.neox) as i32, step.pos as i32);
+        let (nh, nkv, d_i) = (n_head as i32, n_kv as i32, hd as i32);
+        b.arg(&qv).arg(&kv).arg(&vv);
+        match &fv {
+            Some(f) => b.arg(f),
+            None => b.arg(&null),
+        };
+        b.arg(&neox)
+            .arg(&pos_i)
+            .arg(&mut q_prep)
+            .arg(&step.scale)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&d_i)
+            .arg(&cap)
+            .arg(&mut kr.rows)
+            .arg(&mut own_k)
+            .arg(&kr.codec)
+            .arg(&krb)
+            .arg(&kr.centroids)
+            .arg(&kr.mids)
+            .arg(&kr.n_mids)
+            .arg(&mut vr.rows)
+            .arg(&mut own_v)
+            .arg(&vr.codec)
+            .arg(&vrb)
+            .arg(&vr.centroids)
+            .arg(&vr.mids)
+            .arg(&vr.n_mids);
+        let blocks = (n_head + 2 * n_kv) as u32;
+        // SAFETY: argument types and order match `kv_step`; the stores hold n_kv · capacity
+        // rows, q_prep n_head · hd values, own_k/own_v n_kv · hd.
+        unsafe { b.launch(launch_cfg((blocks, 1), hd as u32)) }?;
+    }
+    drop((qi, ki, vi, freqs));
     let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
-    // Queries in K's domain, scaled once.
-    let q_prep = if kr.rotates {
-        tensor(
-            dev,
-            wht(dev, &qi.view()?, n_head, hd, step.scale, false)?,
-            &[n_head, hd],
-        )
-    } else {
-        (q * step.scale as f64)?
-    };
-    let qp = Input::of(&q_prep)?;
     let n = step.pos - step.lo;
     let n_split = n.div_ceil(SPLIT);
     let slots = n_split + 1;
@@ -432,8 +399,6 @@ fn decode(
     let f = func(dev, &partial)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (krb, vrb) = (cache.k.row_bytes as i32, cache.v.row_bytes as i32);
-    let cap = cache.k.capacity as i64;
     let split_i = SPLIT as i32;
     let (first, n_i, ns, nq, d_i) = (
         step.lo as i32,
@@ -442,8 +407,7 @@ fn decode(
         group as i32,
         hd as i32,
     );
-    let qv = qp.view()?;
-    b.arg(&qv)
+    b.arg(&q_prep)
         .arg(&kr.rows)
         .arg(&vr.rows)
         .arg(&krb)
@@ -469,28 +433,23 @@ fn decode(
     let f = func(dev, "kv_attn_merge")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let slots_i = slots as i32;
+    let (slots_i, inverse) = (slots as i32, vr.rotates as i32);
     b.arg(&part_max)
         .arg(&part_sum)
         .arg(&part_acc)
         .arg(&mut out)
         .arg(&nq)
         .arg(&d_i)
-        .arg(&slots_i);
+        .arg(&slots_i)
+        .arg(&inverse);
     let cfg = LaunchConfig {
         grid_dim: (n_kv as u32, group as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (4 * slots) as u32,
     };
     // SAFETY: as above, for `kv_attn_merge`; its dynamic shared memory holds one weight per
-    // slot (48 KiB by default: 12288 slots, 3M positions).
+    // slot (48 KiB by default: 12288 slots, 3M positions); 256 threads cover a head (≤ 256).
     unsafe { b.launch(cfg) }?;
-    let out = if vr.rotates {
-        wht(dev, &out.as_view(), n_head, hd, 1.0, true)?
-    } else {
-        out
-    };
-    drop((ki, vi, qi, qp));
     Ok(tensor(dev, out, &[1, n_head * hd]))
 }
 

@@ -1,13 +1,11 @@
 //! The self-attention sublayer shared by every forward pass: projections, optional qk-norm,
 //! RoPE, then `kv::attention` on the cache the engine owns.
 
-#[cfg(feature = "cuda")]
-use anyhow::Context;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 
 use super::arch::{ArchKind, ModelArchitecture};
-use super::layers::{Linear, RmsNorm, Rope, Source};
+use super::layers::{Linear, Projections, RmsNorm, Rope, Source};
 use crate::kv::{self, LayerCache};
 
 /// How a layer reaches the KV cache for one chunk.
@@ -22,10 +20,8 @@ pub enum KvAccess<'a> {
 }
 
 pub struct SelfAttention {
-    q: Linear,
-    /// None in shared-KV layers.
-    k: Option<Linear>,
-    v: Option<Linear>,
+    /// Q, K and V; Q alone in shared-KV layers.
+    qkv: Projections,
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -57,12 +53,9 @@ impl SelfAttention {
                 Ok(None)
             }
         };
-        let own_kv = arch.stores_kv(il);
-        let opt_linear = |n: &str| -> Result<Option<Linear>> {
-            own_kv
-                .then(|| src.linear(&format!("{p}.{n}"), device))
-                .transpose()
-        };
+        let names = ["attn_q", "attn_k", "attn_v"].map(|n| format!("{p}.{n}"));
+        let names = names.iter().map(String::as_str).collect::<Vec<_>>();
+        let own = if arch.stores_kv(il) { 3 } else { 1 };
         let rope = Rope::new(
             g.rope_theta,
             g.head_dim,
@@ -76,9 +69,7 @@ impl SelfAttention {
                 .is_cuda()
                 .then(|| Tensor::new(rope.inv_freq(), device))
                 .transpose()?,
-            q: src.linear(&format!("{p}.attn_q"), device)?,
-            k: opt_linear("attn_k")?,
-            v: opt_linear("attn_v")?,
+            qkv: Projections::load(src, &names[..own], device)?,
             o: src.linear(&format!("{p}.attn_output"), device)?,
             q_norm: norm("attn_q_norm")?,
             k_norm: norm("attn_k_norm")?,
@@ -126,16 +117,29 @@ impl SelfAttention {
                 None => y,
             })
         };
-        let neox = self.rope.neox();
-        let q = heads(self.q.forward(x)?, self.n_head, &self.q_norm)?;
-        let q = kv::device::rope(&q, freqs, self.n_head, pos, neox)?;
-        let (Some(k), Some(v)) = (&self.k, &self.v) else {
-            bail!("a shared-KV layer was asked for its own K/V");
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("a shared-KV layer was asked for its own K/V"))?;
+        let q = heads(q, self.n_head, &self.q_norm)?;
+        let k = heads(k, self.n_kv_head, &self.k_norm)?;
+        let v = heads(v, self.n_kv_head, &self.v_norm)?;
+        let rope = kv::device::Rotary {
+            inv_freq: freqs,
+            neox: self.rope.neox(),
         };
-        let k = heads(k.forward(x)?, self.n_kv_head, &self.k_norm)?;
-        let k = kv::device::rope(&k, freqs, self.n_kv_head, pos, neox)?;
-        let v = heads(v.forward(x)?, self.n_kv_head, &self.v_norm)?;
-        let out = kv::device::attention(cache, &q, &k, &v, pos, self.n_head, self.scale, None)?;
+        let out = kv::device::attention(
+            cache,
+            &q,
+            &k,
+            &v,
+            Some(&rope),
+            pos,
+            self.n_head,
+            self.scale,
+            None,
+        )?;
         self.o.forward(&out)
     }
 
@@ -152,14 +156,16 @@ impl SelfAttention {
             };
             Ok(y.flatten_all()?.to_vec1::<f32>()?)
         };
-        let mut q = heads(self.q.forward(x)?, self.n_head, &self.q_norm)?;
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let q = qkv.next().context("no Q projection")?;
+        let mut q = heads(q, self.n_head, &self.q_norm)?;
         self.rope.apply(&mut q, pos, self.n_head);
-        let own_kv = || -> Result<(Vec<f32>, Vec<f32>)> {
-            let (Some(k), Some(v)) = (&self.k, &self.v) else {
+        let mut own_kv = || -> Result<(Vec<f32>, Vec<f32>)> {
+            let (Some(k), Some(v)) = (qkv.next(), qkv.next()) else {
                 bail!("a shared-KV layer was asked for its own K/V");
             };
-            let mut k = heads(k.forward(x)?, self.n_kv_head, &self.k_norm)?;
-            let v = heads(v.forward(x)?, self.n_kv_head, &self.v_norm)?;
+            let mut k = heads(k, self.n_kv_head, &self.k_norm)?;
+            let v = heads(v, self.n_kv_head, &self.v_norm)?;
             self.rope.apply(&mut k, pos, self.n_kv_head);
             Ok((k, v))
         };

@@ -39,8 +39,10 @@ impl GemmaBlock {
     /// `x` [t, hidden] → [t, hidden]
     pub fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, cache, pos)?;
-        let x = (x + self.post_attn_norm.forward(&h)?)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let (x, n) = self
+            .ffn_norm
+            .add_forward(x, &self.post_attn_norm.forward(&h)?)?;
+        let h = self.mlp.forward(&n)?;
         Ok((x + self.post_ffn_norm.forward(&h)?)?)
     }
 }

@@ -8,8 +8,8 @@ use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
     BlockQ8_0, GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{D, Device, Module, Tensor};
 
 use super::arch::RopeStyle;
 use super::gguf::GgufFile;
@@ -53,6 +53,58 @@ impl Source {
             None
         };
         Ok(Linear { w, b })
+    }
+
+    /// `names`' weights joined by rows into one matrix on `device` (a GPU), with each one's
+    /// rows, when they are GGUF matrices of one type and width and all or none have a bias.
+    fn linear_joined(
+        &self,
+        names: &[&str],
+        device: &Device,
+    ) -> Result<Option<(Linear, Vec<usize>)>> {
+        let Source::Gguf(g) = self else {
+            return Ok(None);
+        };
+        if !device.is_cuda() || names.len() < 2 {
+            return Ok(None);
+        }
+        let raws = names
+            .iter()
+            .map(|n| g.raw(&format!("{n}.weight")))
+            .collect::<Result<Vec<_>>>()?;
+        let biased = names
+            .iter()
+            .filter(|n| self.has(&format!("{n}.bias")))
+            .count();
+        let first = &raws[0];
+        let agree = raws
+            .iter()
+            .all(|r| r.dims.len() == 2 && r.dtype == first.dtype && r.dims[1] == first.dims[1]);
+        if !agree || (biased != 0 && biased != names.len()) {
+            return Ok(None);
+        }
+        // Rows are whole blocks, so joining matrices by rows is joining their bytes.
+        let bytes: Vec<u8> = raws.iter().flat_map(|r| r.data.iter().copied()).collect();
+        let rows = raws.iter().map(|r| r.dims[0]).sum::<usize>();
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, first.dtype)?;
+        let w = QMatMul::from_qtensor(QTensor::new(storage, (rows, first.dims[1]))?)?;
+        let b = if biased > 0 {
+            let bs = names
+                .iter()
+                .map(|n| self.vector(&format!("{n}.bias"), device))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        let widths = raws.iter().map(|r| r.dims[0]).collect();
+        Ok(Some((
+            Linear {
+                w: Weight::Candle(w),
+                b,
+            },
+            widths,
+        )))
     }
 
     /// A 1-D f32 tensor (norm weights, biases).
@@ -108,6 +160,66 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// Projections of one input. On a GPU, runs of consecutive weights of one GGUF type are joined
+/// by rows (Q|K|V, gate|up): the input is quantized once and one matmul launched per run, where
+/// a decode step is bound by launches.
+pub struct Projections {
+    runs: Vec<Run>,
+}
+
+enum Run {
+    One(Linear),
+    /// A joined matmul and the widths of the outputs it yields, in order.
+    Joined(Linear, Vec<usize>),
+}
+
+impl Projections {
+    pub fn load(src: &Source, names: &[&str], device: &Device) -> Result<Self> {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        'runs: while i < names.len() {
+            // the longest run from i that joins, else i alone
+            for j in (i + 2..=names.len()).rev() {
+                if let Some((lin, widths)) = src.linear_joined(&names[i..j], device)? {
+                    runs.push(Run::Joined(lin, widths));
+                    i = j;
+                    continue 'runs;
+                }
+            }
+            runs.push(Run::One(src.linear(names[i], device)?));
+            i += 1;
+        }
+        Ok(Self { runs })
+    }
+
+    /// `x` [t, in] → one [t, out_i] per name.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for run in &self.runs {
+            match run {
+                Run::One(lin) => out.push(lin.forward(x)?),
+                Run::Joined(lin, widths) => {
+                    let y = lin.forward(x)?;
+                    let mut off = 0;
+                    for &w in widths {
+                        out.push(y.narrow(D::Minus1, off, w)?);
+                        off += w;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The one matmul, when every weight joined.
+    pub fn joined(&self) -> Option<&Linear> {
+        match self.runs.as_slice() {
+            [Run::Joined(lin, _)] => Some(lin),
+            _ => None,
+        }
     }
 }
 
@@ -360,8 +472,8 @@ pub fn dequantize_row(dtype: GgmlDType, src: &[u8], dst: &mut [f32]) -> Result<(
 
 /// The gated feed-forward every supported architecture uses: `down(act(gate(x)) * up(x))`.
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up
+    gate_up: Projections,
     down: Linear,
     act: Activation,
     /// Gemma 3n's activation sparsity: gate values below mean + k·std (per token) are cut to
@@ -380,9 +492,9 @@ pub enum Activation {
 impl GatedMlp {
     pub fn load(src: &Source, il: usize, act: Activation, device: &Device) -> Result<Self> {
         let p = format!("blk.{il}");
+        let (gate, up) = (format!("{p}.ffn_gate"), format!("{p}.ffn_up"));
         Ok(Self {
-            gate: src.linear(&format!("{p}.ffn_gate"), device)?,
-            up: src.linear(&format!("{p}.ffn_up"), device)?,
+            gate_up: Projections::load(src, &[&gate, &up], device)?,
             down: src.linear(&format!("{p}.ffn_down"), device)?,
             act,
             sparsity_k: None,
@@ -397,7 +509,17 @@ impl GatedMlp {
 
     /// `x` [t, hidden] → [t, hidden]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut g = self.gate.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(gate_up), None) = (self.gate_up.joined(), self.sparsity_k) {
+            let gu = gate_up.forward(x)?;
+            return self.down.forward(&super::fused::glu(&gu, self.act)?);
+        }
+        let [g, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("gate and up projections expected"))?;
+        let mut g = g;
         if let Some(k) = self.sparsity_k {
             let mean = g.mean_keepdim(1)?;
             let std = g.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?.sqrt()?;
@@ -408,7 +530,7 @@ impl GatedMlp {
             Activation::Silu => candle_nn::ops::silu(&g)?,
             Activation::GeluTanh => g.gelu()?,
         };
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        self.down.forward(&(g * up)?)
     }
 }
 
@@ -453,6 +575,17 @@ impl RmsNorm {
     /// Normalizes the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.w, self.eps)?)
+    }
+
+    /// The residual sum `x + h` and its norm (one launch on a GPU).
+    pub fn add_forward(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return super::fused::add_rms_norm(x, h, &self.w, self.eps);
+        }
+        let s = (x + h)?;
+        let n = self.forward(&s)?;
+        Ok((s, n))
     }
 }
 

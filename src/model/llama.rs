@@ -34,8 +34,7 @@ impl LlamaBlock {
     /// `x` [t, hidden] → [t, hidden]
     pub fn forward(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, cache, pos)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
-        Ok((x + h)?)
+        let (x, n) = self.ffn_norm.add_forward(x, &h)?;
+        Ok((x + self.mlp.forward(&n)?)?)
     }
 }

@@ -3,6 +3,8 @@
 pub mod arch;
 pub mod attn;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod fused;
 pub mod gemma;
 pub mod gemma3n;
 pub mod gemma4;
