@@ -131,19 +131,20 @@ impl Fit {
         Self { vt: m, groups }
     }
 
-    /// The identity-basis, equal-width fit for head_dim `d`, built once per (bits, d).
-    fn uniform(bits: u32, d: usize) -> Arc<Fit> {
-        type Fits = Vec<(u32, usize, Arc<Fit>)>;
+    /// The identity-basis, equal-width fit for head_dim `d`, built once per (bits, d) and kept
+    /// for the process (a handful of small tables).
+    fn uniform(bits: u32, d: usize) -> &'static Fit {
+        type Fits = Vec<(u32, usize, &'static Fit)>;
         static CACHE: OnceLock<Mutex<Fits>> = OnceLock::new();
         let mut all = CACHE
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, f)) = all.iter().find(|(b, n, _)| (*b, *n) == (bits, d)) {
-            return f.clone();
+            return f;
         }
-        let f = Arc::new(Fit::new(bits, &vec![1.0; d], None));
-        all.push((bits, d, f.clone()));
+        let f: &'static Fit = Box::leak(Box::new(Fit::new(bits, &vec![1.0; d], None)));
+        all.push((bits, d, f));
         f
     }
 
@@ -235,9 +236,9 @@ impl<'a> Bits<'a> {
 }
 
 impl<const BITS: u32> Spectral<BITS> {
-    fn fitted(&self, d: usize) -> Arc<Fit> {
+    fn fitted(&self, d: usize) -> &Fit {
         match &self.fit {
-            Some(f) => f.clone(),
+            Some(f) => f,
             None => Fit::uniform(BITS, d),
         }
     }
