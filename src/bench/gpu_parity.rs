@@ -251,6 +251,7 @@ pub fn time_decode(
         v: store()?,
         head_dim: hd,
         sliding_window: None,
+        query_energy: None,
     };
     let n_head = n_kv * group;
     let scale = 1.0 / (hd as f32).sqrt();

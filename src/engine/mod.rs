@@ -229,6 +229,12 @@ impl Engine {
         let arch = &self.model.arch;
         let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
         let mut cache = KvCache::new(arch, &policy, tokens.len(), None, &self.model.device)?;
+        // Query energies for K's channel weights (`DH_KV_CHANNEL_SCALE=0`: none, to compare).
+        if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() != Ok("0") {
+            for l in &mut cache.layers {
+                l.query_energy = Some((vec![0.0; l.k.n_kv_head * l.head_dim], 0));
+            }
+        }
         self.prefill(&mut cache, &tokens)?;
         let calib = KvCalibration::from_cache(&cache, spectra);
         eprintln!(

@@ -27,6 +27,18 @@ pub fn attention(
     scale: f32,
 ) -> Result<Vec<f32>> {
     let out = attend(cache, q, k, v, pos, n_head, scale)?;
+    if let Some((energy, count)) = cache.query_energy.as_mut() {
+        // Per KV head: the GQA group's queries pooled.
+        let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
+        let g = n_head / n_kv;
+        for (i, qh) in q.chunks_exact(hd).enumerate() {
+            let kvh = (i % n_head) / g;
+            for (e, x) in energy[kvh * hd..(kvh + 1) * hd].iter_mut().zip(qh) {
+                *e += (*x as f64) * (*x as f64);
+            }
+        }
+        *count += q.len() / (hd * n_kv);
+    }
     append(cache, k, v, pos);
     Ok(out)
 }
@@ -209,7 +221,7 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
         for (gi, qr) in qs.chunks_exact_mut(hd).enumerate() {
             let h = kvh * g + gi;
             let qh = &q[h * hd..(h + 1) * hd];
-            cache.k.codec(kvh).prepare_query(qh, qr);
+            cache.k.prepare_query(kvh, qh, qr);
             bias[gi] = mean.map_or(0.0, |m| dot_f32(qh, m));
         }
         let n = range.len();
@@ -316,10 +328,7 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                 let h = kvh * g + gi;
                 let src = &q[(ti * s.n_head + h) * hd..][..hd];
                 let r = gi * nb + bi;
-                cache
-                    .k
-                    .codec(kvh)
-                    .prepare_query(src, &mut qs[r * hd..][..hd]);
+                cache.k.prepare_query(kvh, src, &mut qs[r * hd..][..hd]);
                 bias[r] = k_mean.map_or(0.0, |mu| dot_f32(src, mu));
             }
         }

@@ -6,6 +6,11 @@
 //! for values `Σ p v̂ = (Σ p) μ_v + Σ p (v − μ_v)^`. On SmolLM2 this halves turbo K's error
 //! (docs/QUALITY.md). The row layout is unchanged; μ is n_kv_head × head_dim floats per layer.
 //!
+//! The same pass measures how much energy queries put in each channel, so K can be stored with
+//! channel weights (InnerQ): `s ⊙ (k − μ)` quantized, queries scored as `q ⊘ s`
+//! ([`KvCalibration::k_scale`]). Scores are unchanged; the codec's error lands where queries
+//! look least.
+//!
 //! SpectralQuant also needs each head's covariance spectrum (eigenvalues and eigenvectors of
 //! the centered rows' covariance), measured on the same rows when a spectral type is in use.
 
@@ -40,6 +45,36 @@ roasted chestnuts from a cart, and the smell of grilled fish drifted up from the
 Table 3 lists the results: 42 stalls, 1,250 visitors, and receipts of 18,400 euros, up 12% \
 on the previous year. def total(items): return sum(item.price for item in items) \
 Somewhere a dog barked, a door closed, and the first stars appeared over the sea.";
+
+/// Channel weights of every head of K store `k` (rows `range`), from the queries' Σ q² per
+/// (head, channel) over `count` queries each.
+fn k_channel_scales(
+    k: &super::store::RowStore,
+    q2: &[f64],
+    count: usize,
+    range: std::ops::Range<usize>,
+    hd: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(k.n_kv_head * hd);
+    for h in 0..k.n_kv_head {
+        let (mut sum, mut sq, mut n) = (vec![0f64; hd], vec![0f64; hd], 0usize);
+        k.read_rows(h, range.clone(), |row| {
+            for ((s, q), x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
+                *s += *x as f64;
+                *q += (*x as f64) * (*x as f64);
+            }
+            n += 1;
+        });
+        let n = n.max(1) as f64;
+        let k2: Vec<f64> = (0..hd).map(|c| sq[c] / n - (sum[c] / n).powi(2)).collect();
+        let qe: Vec<f64> = q2[h * hd..(h + 1) * hd]
+            .iter()
+            .map(|e| e / count as f64)
+            .collect();
+        out.extend(channel_scales(&qe, &k2));
+    }
+    out
+}
 
 /// One head's covariance spectrum: eigenvalues in descending order and the matching unit
 /// eigenvectors as the rows of `vt` [head_dim, head_dim] (an orthogonal matrix).
@@ -83,6 +118,32 @@ pub struct KvCalibration {
     /// Whether rotation codecs center rows on the means (`--no-kv-centering` turns it off;
     /// SpectralQuant always centers, its basis being the centered rows' covariance).
     pub center: bool,
+    /// Per layer, K's channel weights `n_kv_head × head_dim` (empty when not measured): a
+    /// codec's error on a key costs `q·δ` in its score, so storing `s ⊙ (k − μ)` and scoring
+    /// with `q ⊘ s` moves the error to the channels queries weigh least. With the codec's error
+    /// isotropic and proportional to ‖s ⊙ k‖², the expected squared score error
+    /// `Σ q_c²/s_c² · Σ s_c² k_c²` is least at `s_c = (E q_c² / E k_c²)^¼` (InnerQ's idea).
+    /// Not written to the calibration file: one read back from it leaves K unweighted.
+    pub k_scale: Vec<Vec<f32>>,
+}
+
+/// Channel weights are kept within this factor of 1, so a channel the calibration text barely
+/// used is not starved.
+const MAX_CHANNEL_SCALE: f32 = 8.0;
+
+/// `s_c = (q2_c / k2_c)^¼` normalized to a geometric mean of 1, clamped to
+/// [1/MAX_CHANNEL_SCALE, MAX_CHANNEL_SCALE].
+pub(crate) fn channel_scales(q2: &[f64], k2: &[f64]) -> Vec<f32> {
+    let logs: Vec<f64> = q2
+        .iter()
+        .zip(k2)
+        .map(|(q, k)| 0.25 * (q.max(1e-12) / k.max(1e-12)).ln())
+        .collect();
+    let mid = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+    let cap = MAX_CHANNEL_SCALE.ln() as f64;
+    logs.iter()
+        .map(|l| (l - mid).clamp(-cap, cap).exp() as f32)
+        .collect()
 }
 
 impl KvCalibration {
@@ -99,6 +160,7 @@ impl KvCalibration {
             k_spectra: Vec::new(),
             v_spectra: Vec::new(),
             center: true,
+            k_scale: Vec::new(),
         };
         for layer in &cache.layers {
             let hd = layer.head_dim;
@@ -133,6 +195,12 @@ impl KvCalibration {
                     specs.push(layer_spectra);
                 }
             }
+            out.k_scale.push(match &layer.query_energy {
+                Some((q2, count)) if *count > 0 && layer.k.capacity > 0 => {
+                    k_channel_scales(&layer.k, q2, *count, lo..n, hd)
+                }
+                _ => Vec::new(),
+            });
         }
         out
     }
@@ -232,6 +300,7 @@ impl KvCalibration {
             k_spectra: Vec::new(),
             v_spectra: Vec::new(),
             center: true,
+            k_scale: Vec::new(),
         };
         for kv in ["k", "v"] {
             for il in 0..layers {
@@ -347,6 +416,7 @@ mod tests {
             k_spectra: vec![vec![spec(1.0), spec(2.0)], vec![]],
             v_spectra: vec![vec![spec(3.0), spec(4.0)], vec![]],
             center: true,
+            k_scale: Vec::new(),
         };
         let dir = std::env::temp_dir().join(format!("dh-calib-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

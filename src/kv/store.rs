@@ -45,6 +45,10 @@ pub struct RowStore {
     /// Per-head mean subtracted before quantizing (rotation codecs; see `calibration`),
     /// `n_kv_head × head_dim` values.
     pub mean: Option<Vec<f32>>,
+    /// Per-head, per-channel weights the centered rows are multiplied by before quantizing
+    /// (`n_kv_head × head_dim`; K only, see `calibration`): queries are divided by them, so
+    /// scores are unchanged while the codec's error moves to the channels queries weigh least.
+    pub scale: Option<Vec<f32>>,
     /// Leading positions kept in `sink_rows` instead of the ring ([`SINK_ROWS`] or 0).
     pub sink: usize,
     sink_rows: Vec<half::f16>,
@@ -89,6 +93,7 @@ impl RowStore {
             capacity,
             n_kv_head,
             mean,
+            scale: None,
             sink,
             sink_rows: vec![half::f16::ZERO; n_kv_head * sink * head_dim],
             head_dim,
@@ -113,6 +118,28 @@ impl RowStore {
             dev, ty, n_kv_head, head_dim, capacity,
         )?);
         Ok(s)
+    }
+
+    /// This store with its rows scaled per channel (`scale`: n_kv_head × head_dim, or None).
+    pub fn scaled(mut self, scale: Option<Vec<f32>>) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// Head `head`'s query into the domain its rows are scored in: divided by the channel
+    /// scales, then through the codec (rotated, for rotation codecs).
+    pub fn prepare_query(&self, head: usize, q: &[f32], out: &mut [f32]) {
+        let hd = q.len();
+        match &self.scale {
+            Some(s) => {
+                let mut unscaled = [0f32; MAX_HEAD_DIM];
+                for ((u, x), w) in unscaled.iter_mut().zip(q).zip(&s[head * hd..]) {
+                    *u = x / w;
+                }
+                self.codec(head).prepare_query(&unscaled[..hd], out);
+            }
+            None => self.codec(head).prepare_query(q, out),
+        }
     }
 
     /// Whether the rows live in GPU memory.
@@ -191,7 +218,16 @@ impl RowStore {
     pub fn read_rows(&self, head: usize, range: std::ops::Range<usize>, mut f: impl FnMut(&[f32])) {
         let hd = self.head_dim;
         let mean = self.head_mean(head, hd);
+        let scale = self
+            .scale
+            .as_deref()
+            .map(|s| &s[head * hd..(head + 1) * hd]);
         let mut emit = |row: &mut [f32]| {
+            if let Some(s) = scale {
+                for (v, w) in row.iter_mut().zip(s) {
+                    *v /= w;
+                }
+            }
             if let Some(m) = mean {
                 for (v, m) in row.iter_mut().zip(m) {
                     *v += m;
@@ -232,6 +268,11 @@ impl RowStore {
                 {
                     *c = v - m;
                 }
+                if let Some(s) = &self.scale {
+                    for (c, w) in c.iter_mut().zip(&s[head * hd..(head + 1) * hd]) {
+                        *c *= w;
+                    }
+                }
                 &centered[..hd]
             }
             None => values,
@@ -263,6 +304,9 @@ pub struct LayerCache {
     pub v: RowStore,
     pub head_dim: usize,
     pub sliding_window: Option<usize>,
+    /// Σ q² per (KV head, channel) over the queries attended so far and their count: kept by
+    /// the calibration pass only (`KvCalibration::k_scale`).
+    pub query_energy: Option<(Vec<f64>, usize)>,
 }
 
 /// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
@@ -359,6 +403,7 @@ impl KvCache {
                         v: store(tv)?,
                         head_dim: g.head_dim,
                         sliding_window: g.sliding_window,
+                        query_energy: None,
                     });
                 }
                 #[cfg(not(feature = "cuda"))]
@@ -375,13 +420,22 @@ impl KvCache {
                         .filter(|_| codec.needs_spectrum())
                         .and_then(|c| if k { &c.k_spectra } else { &c.v_spectra }.get(il))
                         .map(|s| s.as_slice());
-                    RowStore::new(ty, g.n_kv_head, g.head_dim, rows, mean, spectra)
+                    // K rows scaled per channel by the calibration's weights (InnerQ):
+                    // rotation codecs that center, except SpectralQuant whose basis is fitted
+                    // to the unscaled rows.
+                    let scale = calib
+                        .filter(|c| k && center(c) && !codec.needs_spectrum())
+                        .and_then(|c| c.k_scale.get(il))
+                        .filter(|s| !s.is_empty())
+                        .cloned();
+                    RowStore::new(ty, g.n_kv_head, g.head_dim, rows, mean, spectra).scaled(scale)
                 };
                 Ok(LayerCache {
                     k: store(tk, true),
                     v: store(tv, false),
                     head_dim: g.head_dim,
                     sliding_window: g.sliding_window,
+                    query_energy: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -485,47 +539,110 @@ mod tests {
     fn centered_turbo_rows_and_sinks_score_like_exact() {
         let hd = 64;
         let mean: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).sin() * 3.0).collect();
-        let mut s = RowStore::new(CacheType::Turbo4, 1, hd, 16, Some(mean.clone()), None);
-        let rows: Vec<Vec<f32>> = (0..12)
-            .map(|p| {
-                (0..hd)
-                    .map(|i| mean[i] + 0.3 * ((p * 7 + i * 3) as f32 * 0.37).cos())
-                    .collect()
-            })
-            .collect();
-        for (p, r) in rows.iter().enumerate() {
-            s.write(0, p, r);
+        let weights: Vec<f32> = (0..hd).map(|i| 0.8 + (i % 5) as f32 * 0.1).collect();
+        // Plain centering, then with channel weights (scores and read-back must not change).
+        for scale in [None, Some(weights)] {
+            let mut s =
+                RowStore::new(CacheType::Turbo4, 1, hd, 16, Some(mean.clone()), None).scaled(scale);
+            let rows: Vec<Vec<f32>> = (0..12)
+                .map(|p| {
+                    (0..hd)
+                        .map(|i| mean[i] + 0.3 * ((p * 7 + i * 3) as f32 * 0.37).cos())
+                        .collect()
+                })
+                .collect();
+            for (p, r) in rows.iter().enumerate() {
+                s.write(0, p, r);
+            }
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.21).cos()).collect();
+            let mut qr = vec![0f32; hd];
+            s.prepare_query(0, &q, &mut qr);
+            let bias: f32 = q.iter().zip(&mean).map(|(a, b)| a * b).sum();
+            let mut got = Vec::new();
+            for (codec, bytes, n) in s.runs(0, 0..12) {
+                let mut out = vec![0f32; n];
+                codec.dot_rows(hd, &qr, bytes, &mut out);
+                got.extend(out.iter().map(|x| x + bias));
+            }
+            assert_eq!(s.runs(0, 0..12).len(), 2);
+            for (p, (g, r)) in got.iter().zip(&rows).enumerate() {
+                let want: f32 = q.iter().zip(r).map(|(a, b)| a * b).sum();
+                let tol = if p < SINK_ROWS { 2e-2 } else { 0.3 };
+                assert!((g - want).abs() < tol, "position {p}: {g} vs {want}");
+            }
+            // Reading back undoes rotation, weights and centering: sinks to f16 rounding, the
+            // rest to the codec.
+            let mut p = 0;
+            s.read_rows(0, 0..12, |got| {
+                let err = got
+                    .iter()
+                    .zip(&rows[p])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < if p < SINK_ROWS { 1e-2 } else { 0.3 },
+                    "row {p}: max error {err}"
+                );
+                p += 1;
+            });
+            assert_eq!(p, 12);
         }
-        let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.21).cos()).collect();
-        let mut qr = vec![0f32; hd];
-        s.codec(0).prepare_query(&q, &mut qr);
-        let bias: f32 = q.iter().zip(&mean).map(|(a, b)| a * b).sum();
-        let mut got = Vec::new();
-        for (codec, bytes, n) in s.runs(0, 0..12) {
-            let mut out = vec![0f32; n];
-            codec.dot_rows(hd, &qr, bytes, &mut out);
-            got.extend(out.iter().map(|x| x + bias));
+    }
+
+    /// Keys whose energy sits in channels the queries barely use: the calibration's channel
+    /// weights move turbo3's error there, and the score error drops.
+    #[test]
+    fn channel_weights_cut_score_error_where_queries_and_keys_disagree() {
+        let hd = 64;
+        let n = 200;
+        let wave = |a: usize, b: usize| ((a * 31 + b * 17) as f32 * 0.713).sin();
+        // keys: large in the upper half; queries: large in the lower half
+        let key = |p: usize| -> Vec<f32> {
+            (0..hd)
+                .map(|i| wave(p, i) * if i >= hd / 2 { 4.0 } else { 0.5 })
+                .collect()
+        };
+        let query = |j: usize| -> Vec<f32> {
+            (0..hd)
+                .map(|i| wave(j + 1000, i) * if i < hd / 2 { 4.0 } else { 0.5 })
+                .collect()
+        };
+        let (mut q2, mut k2) = (vec![0f64; hd], vec![0f64; hd]);
+        for p in 0..n {
+            for (i, (k, q)) in key(p).iter().zip(query(p)).enumerate() {
+                k2[i] += (*k as f64).powi(2) / n as f64;
+                q2[i] += (q as f64).powi(2) / n as f64;
+            }
         }
-        assert_eq!(s.runs(0, 0..12).len(), 2);
-        for (p, (g, r)) in got.iter().zip(&rows).enumerate() {
-            let want: f32 = q.iter().zip(r).map(|(a, b)| a * b).sum();
-            let tol = if p < SINK_ROWS { 2e-2 } else { 0.3 };
-            assert!((g - want).abs() < tol, "position {p}: {g} vs {want}");
-        }
-        // Reading back undoes rotation and centering: sinks to f16 rounding, the rest to the codec.
-        let mut p = 0;
-        s.read_rows(0, 0..12, |got| {
-            let err = got
-                .iter()
-                .zip(&rows[p])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                err < if p < SINK_ROWS { 1e-2 } else { 0.2 },
-                "row {p}: max error {err}"
-            );
-            p += 1;
-        });
-        assert_eq!(p, 12);
+        let weights = crate::kv::calibration::channel_scales(&q2, &k2);
+        let score_error = |scale: Option<Vec<f32>>| -> f64 {
+            let zero = vec![0f32; hd];
+            let mut s = RowStore::new(CacheType::Turbo3, 1, hd, n, Some(zero), None).scaled(scale);
+            for p in 0..n {
+                s.write(0, p, &key(p));
+            }
+            let mut total = 0f64;
+            for j in 0..8 {
+                let q = query(j);
+                let mut qr = vec![0f32; hd];
+                s.prepare_query(0, &q, &mut qr);
+                let mut first = 0;
+                for (codec, bytes, m) in s.runs(0, 0..n) {
+                    let mut out = vec![0f32; m];
+                    codec.dot_rows(hd, &qr, bytes, &mut out);
+                    for (r, got) in out.iter().enumerate() {
+                        let want: f32 = q.iter().zip(key(first + r)).map(|(a, b)| a * b).sum();
+                        total += ((got - want) as f64).powi(2);
+                    }
+                    first += m;
+                }
+            }
+            total
+        };
+        let (plain, weighted) = (score_error(None), score_error(Some(weights)));
+        assert!(
+            weighted < 0.5 * plain,
+            "score error with channel weights {weighted} vs without {plain}"
+        );
     }
 }
