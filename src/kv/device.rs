@@ -6,8 +6,9 @@
 //! candle. Types with kernels: f16, turbo4, turbo3. Other types, and architectures with
 //! shared-KV layers, keep their cache in host memory and attend on the CPU.
 //!
-//! Device stores do not center rows on calibrated means nor keep exact sink rows (the CPU
-//! store's refinements): they hold the fork's plain TurboQuant rows, like `--no-kv-centering`.
+//! Device stores do not center rows on calibrated means, weight K's channels nor keep exact
+//! sink rows (the CPU store's refinements): they hold the fork's plain TurboQuant rows, like
+//! `--no-kv-centering`.
 
 use anyhow::{Context, Result, bail};
 
