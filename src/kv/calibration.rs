@@ -46,34 +46,21 @@ Table 3 lists the results: 42 stalls, 1,250 visitors, and receipts of 18,400 eur
 on the previous year. def total(items): return sum(item.price for item in items) \
 Somewhere a dog barked, a door closed, and the first stars appeared over the sea.";
 
-/// Channel weights of every head of K store `k` (rows `range`), from the queries' Σ q² per
-/// (head, channel) over `count` queries each.
-fn k_channel_scales(
-    k: &super::store::RowStore,
-    q2: &[f64],
-    count: usize,
-    range: std::ops::Range<usize>,
-    hd: usize,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(k.n_kv_head * hd);
-    for h in 0..k.n_kv_head {
-        let (mut sum, mut sq, mut n) = (vec![0f64; hd], vec![0f64; hd], 0usize);
-        k.read_rows(h, range.clone(), |row| {
-            for ((s, q), x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
-                *s += *x as f64;
-                *q += (*x as f64) * (*x as f64);
-            }
-            n += 1;
-        });
-        let n = n.max(1) as f64;
-        let k2: Vec<f64> = (0..hd).map(|c| sq[c] / n - (sum[c] / n).powi(2)).collect();
-        let qe: Vec<f64> = q2[h * hd..(h + 1) * hd]
-            .iter()
-            .map(|e| e / count as f64)
-            .collect();
-        out.extend(channel_scales(&qe, &k2));
+/// One head's channel weights from its K rows `rows` [n, hd] and the queries' Σ q² per channel
+/// over `count` queries.
+fn k_channel_scales(rows: &[f32], q2: &[f64], count: usize) -> Vec<f32> {
+    let hd = q2.len();
+    let (mut sum, mut sq) = (vec![0f64; hd], vec![0f64; hd]);
+    for row in rows.chunks_exact(hd) {
+        for ((s, q), x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
+            *s += *x as f64;
+            *q += (*x as f64) * (*x as f64);
+        }
     }
-    out
+    let n = (rows.len() / hd).max(1) as f64;
+    let k2: Vec<f64> = (0..hd).map(|c| sq[c] / n - (sum[c] / n).powi(2)).collect();
+    let qe: Vec<f64> = q2.iter().map(|e| e / count as f64).collect();
+    channel_scales(&qe, &k2)
 }
 
 /// One head's covariance spectrum: eigenvalues in descending order and the matching unit
@@ -168,9 +155,12 @@ impl KvCalibration {
                 .sliding_window
                 .map_or(1, |w| n.saturating_sub(w).max(1))
                 .min(n);
-            for (store, means, specs) in [
-                (&layer.k, &mut out.k_mean, &mut out.k_spectra),
-                (&layer.v, &mut out.v_mean, &mut out.v_spectra),
+            // K's channel weights need the queries the pass saw (none in shared-KV readers).
+            let queries = layer.query_energy.as_ref().filter(|(_, count)| *count > 0);
+            let mut k_scale = Vec::new();
+            for (store, means, specs, queries) in [
+                (&layer.k, &mut out.k_mean, &mut out.k_spectra, queries),
+                (&layer.v, &mut out.v_mean, &mut out.v_spectra, None),
             ] {
                 let mut mean = vec![0f32; store.n_kv_head * hd];
                 let mut layer_spectra = Vec::new();
@@ -188,6 +178,9 @@ impl KvCalibration {
                         if spectra {
                             layer_spectra.push(Spectrum::of_covariance(hd, &covariance(&rows, m)));
                         }
+                        if let Some((q2, nq)) = queries {
+                            k_scale.extend(k_channel_scales(&rows, &q2[h * hd..(h + 1) * hd], *nq));
+                        }
                     }
                 }
                 means.push(mean);
@@ -195,12 +188,7 @@ impl KvCalibration {
                     specs.push(layer_spectra);
                 }
             }
-            out.k_scale.push(match &layer.query_energy {
-                Some((q2, count)) if *count > 0 && layer.k.capacity > 0 => {
-                    k_channel_scales(&layer.k, q2, *count, lo..n, hd)
-                }
-                _ => Vec::new(),
-            });
+            out.k_scale.push(k_scale);
         }
         out
     }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 
@@ -82,6 +82,23 @@ impl DeviceRows {
 }
 
 impl DeviceRows {
+    /// `kv_step`'s arguments for one store: rows, the step's full-precision row `own`, codec,
+    /// row bytes, codebook, decision points and their count.
+    fn push_store_args<'a>(
+        &'a mut self,
+        b: &mut LaunchArgs<'a>,
+        own: &'a mut CudaSlice<f32>,
+        row_bytes: &'a i32,
+    ) {
+        b.arg(&mut self.rows)
+            .arg(own)
+            .arg(&self.codec)
+            .arg(row_bytes)
+            .arg(&self.centroids)
+            .arg(&self.mids)
+            .arg(&self.n_mids);
+    }
+
     /// The stored bytes, copied to the host (checks).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<Vec<u8>> {
         Ok(dev.cuda_stream().clone_dtoh(&self.rows)?)
@@ -361,21 +378,9 @@ fn decode(
             .arg(&nh)
             .arg(&nkv)
             .arg(&d_i)
-            .arg(&cap)
-            .arg(&mut kr.rows)
-            .arg(&mut own_k)
-            .arg(&kr.codec)
-            .arg(&krb)
-            .arg(&kr.centroids)
-            .arg(&kr.mids)
-            .arg(&kr.n_mids)
-            .arg(&mut vr.rows)
-            .arg(&mut own_v)
-            .arg(&vr.codec)
-            .arg(&vrb)
-            .arg(&vr.centroids)
-            .arg(&vr.mids)
-            .arg(&vr.n_mids);
+            .arg(&cap);
+        kr.push_store_args(&mut b, &mut own_k, &krb);
+        vr.push_store_args(&mut b, &mut own_v, &vrb);
         let blocks = (n_head + 2 * n_kv) as u32;
         // SAFETY: argument types and order match `kv_step`; the stores hold n_kv · capacity
         // rows, q_prep n_head · hd values, own_k/own_v n_kv · hd.
