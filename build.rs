@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Our kernels, compiled to PTX with nvcc and embedded; the driver JIT-compiles them at load.
-const KERNELS: &[&str] = &["kv", "ops"];
+const KERNELS: &[&str] = &["kv", "ops", "prefill"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels/cuda/mma.cuh");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());

@@ -8,6 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
 
 pub fn cuda(t: &Tensor) -> Result<CudaDevice> {
@@ -68,6 +69,9 @@ pub fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// Dynamic shared memory any of our kernels may ask for.
+pub const MAX_DYNAMIC_SHARED: usize = 64 << 10;
+
 /// Kernel `name` of the PTX module `module` on `dev`, looked up once per device.
 pub fn func(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str) -> Result<CudaFunction> {
     type Table = HashMap<(DeviceId, String), CudaFunction>;
@@ -83,6 +87,12 @@ pub fn func(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str) -> Re
     let f = dev
         .get_or_load_custom_func(name, module, ptx)?
         .into_cuda_function();
+    // Above 48 KiB of dynamic shared memory a kernel must opt in (the decode kernels stage
+    // slices of the cache there); every GPU we build for (sm_80 and later) allows this much.
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        MAX_DYNAMIC_SHARED as i32,
+    )?;
     table.insert(key, f.clone());
     Ok(f)
 }

@@ -5,7 +5,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define MAX_Q 8       // queries per KV head the attention kernel holds (a GQA group)
+#include "mma.cuh"
+
+#define MAX_Q 8       // queries per KV head the decode kernel takes (a GQA group)
 #define MAX_AD 256    // widest head the attention kernel takes
 #define MAX_RD 512    // widest row the append/dequantize/WHT kernels take
 
@@ -13,7 +15,6 @@
 #define C_F16 0
 #define C_TURBO4 1
 #define C_TURBO3 2
-#define C_F32 3  // full-precision rows (the chunk's own K/V)
 
 __constant__ float SIGNS1[128] = {
     -1, 1, 1, -1, -1, 1, -1, 1, -1, -1, 1, 1, 1, 1, 1, 1, 1, -1, 1, -1, 1, -1, -1, 1, 1, 1, -1, 1,
@@ -34,7 +35,6 @@ __device__ __forceinline__ int group_bytes(int codec, int g) {
     switch (codec) {
         case C_TURBO4: return (g == 128 ? 4 : 2) + g / 2;
         case C_TURBO3: return 2 + g / 4 + g / 8;
-        case C_F32: return 4 * g;
         default: return 2 * g;
     }
 }
@@ -54,10 +54,6 @@ __device__ __forceinline__ void put_half(uint8_t* p, float x) {
 __device__ __forceinline__ float2 read_pair(int codec, const uint8_t* row, int v, int d,
                                             const float* cb) {
     if (codec == C_F16) return make_float2(half_at(row + 2 * v), half_at(row + 2 * v + 2));
-    if (codec == C_F32) {
-        const float* r = reinterpret_cast<const float*>(row);
-        return make_float2(r[v], r[v + 1]);
-    }
     const int g = group_width(d);
     const uint8_t* grp = row + (v / g) * group_bytes(codec, g);
     const int o = v % g;
@@ -275,124 +271,228 @@ extern "C" __global__ void kv_dequant(const uint8_t* __restrict__ rows, float* _
     if (i < d) out[((size_t)h * n + r) * d + i] = s[i];
 }
 
-// Values v..v+8 (v a multiple of 8) of a stored row in the codec's domain, before the group's
-// norm: turbo rows give raw centroids and their norm separately (one multiply per score or
-// weight instead of eight). f16 and f32 rows give the values and a norm of 1.
-template <int C>
-__device__ __forceinline__ float read_oct(const uint8_t* __restrict__ row, int v, int d,
-                                          const float* cb, float* x) {
-    if (C == C_F16) {
-        const uint4 w = *reinterpret_cast<const uint4*>(row + 2 * v);
-        const unsigned int ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            x[2 * k] = __half2float(__ushort_as_half((unsigned short)(ws[k] & 0xffff)));
-            x[2 * k + 1] = __half2float(__ushort_as_half((unsigned short)(ws[k] >> 16)));
-        }
-        return 1.f;
+#define DEC_WARPS 4    // warps of a flash-decoding block
+#define DEC_SPLIT 256  // most rows a flash-decoding slice may have
+
+// Starts copying global bytes [src, src + n) into shared memory at `dst` (16-byte aligned) with
+// cp.async, all in flight at once; returns where byte `src` lands. The copy is in aligned
+// 16-byte pieces, so up to 15 bytes either side come along (device stores keep 16 bytes of
+// slack after their last row; allocations start aligned).
+__device__ __forceinline__ const uint8_t* stage_bytes(uint8_t* dst, const uint8_t* src,
+                                                      size_t n) {
+    const size_t s = (size_t)src, a = s & ~(size_t)15, e = (s + n + 15) & ~(size_t)15;
+    for (size_t i = 16 * threadIdx.x; i < e - a; i += 16 * blockDim.x) {
+        const unsigned d = (unsigned)__cvta_generic_to_shared(dst + i);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(a + i));
     }
-    if (C == C_F32) {
-        const float4* r = reinterpret_cast<const float4*>(row) + v / 4;
-        const float4 a = r[0], b = r[1];
-        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
-        x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-        return 1.f;
-    }
-    const int g = group_width(d), o = v % g;
-    const uint8_t* grp = row + (v / g) * group_bytes(C, g);
-    if (C == C_TURBO4) {
-        // indices two per byte, low nibble first; 16-bit loads (64-wide groups are 34 bytes)
-        const unsigned short* p =
-            reinterpret_cast<const unsigned short*>(grp + (g == 128 ? 4 : 2) + o / 2);
-        const unsigned int w = p[0] | ((unsigned int)p[1] << 16);
-#pragma unroll
-        for (int k = 0; k < 8; k++) x[k] = cb[(w >> (4 * k)) & 15];
-    } else {
-        // turbo3: low two bits four per byte, then the high bits eight per byte
-        const unsigned int lo = *reinterpret_cast<const unsigned short*>(grp + 2 + o / 4);
-        const unsigned int hi = grp[2 + g / 4 + o / 8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) x[k] = cb[((lo >> (2 * k)) & 3) | (((hi >> k) & 1) << 2)];
-    }
-    return half_at(grp);
+    return dst + (s - a);
 }
 
-#define DEC_MAX_WARPS 8  // warps a flash-decoding block may have
-#define DEC_SPLIT 256    // most rows a flash-decoding slice may have
+// Shared bytes `stage_rows` takes for `len` rows of `rb` bytes: rows of a multiple of 16 bytes
+// (f16) go one per 16-byte-padded line, so that ldmatrix's eight row reads hit distinct banks;
+// others (turbo) are copied as the ring's bytes, in up to two aligned pieces.
+__device__ __host__ __forceinline__ size_t staged_size(int len, int rb) {
+    return rb % 16 == 0 ? (size_t)len * (rb + 16) : (((size_t)len * rb + 15) & ~(size_t)15) + 64;
+}
 
-// A decoding block's shared memory, declared once per kernel for both of its inlined copies.
-template <int Q>
-struct DecodeShared {
-    float kcb[16], vcb[16];
-    __align__(16) float q[Q * MAX_AD];
-    float p[DEC_SPLIT * Q];  // [row][query]: scores, then weights
-    float acc[Q * MAX_AD];
+// A slice of a head's ring in shared memory: rows 0..n1 from `a` on, the rest (wrapped to the
+// ring's start) from `b` on, `stride` bytes apart.
+struct Staged {
+    const uint8_t *a, *b;
+    int n1, stride;
+    __device__ __forceinline__ const uint8_t* row(int r) const {
+        return r < n1 ? a + (size_t)r * stride : b + (size_t)(r - n1) * stride;
+    }
 };
 
-// Flash-decoding partials, one block per (KV head, slice): slices 0..n_split-1 cover the past
-// positions first..first+n (`split` each), slice n_split (when own_k is given) the step's own
-// position from full-precision rows. Queries q [n_kv, n_q, d] are in K's domain and already
-// scaled; V accumulates in V's domain. Three passes over the slice, so that no running max
-// rescales the accumulators and few values live in registers: scores (a row read by d/8 lanes,
-// eight values each, the queries from shared memory), then per query the slice max and the
-// weights, then V weighted by them. Partials: max, sum of weights, weighted V sum relative to
-// that max.
-template <int Q, int KC, int VC>
+// Starts the copy of rows slot0.. (len of them, wrapping at `capacity`) of the ring at `head`
+// into `dst`, as one cp.async group.
+__device__ __forceinline__ Staged stage_rows(uint8_t* dst, const uint8_t* head, int rb,
+                                             long long capacity, long long slot0, int len) {
+    Staged st;
+    if (rb % 16 == 0) {
+        const int pieces = rb / 16;
+        for (int i = threadIdx.x; i < len * pieces; i += blockDim.x) {
+            const int r = i / pieces, p = i % pieces;
+            const long long slot = slot0 + r < capacity ? slot0 + r : slot0 + r - capacity;
+            const uint8_t* src = head + (size_t)slot * rb + 16 * p;
+            const unsigned d = (unsigned)__cvta_generic_to_shared(dst + (size_t)r * (rb + 16) +
+                                                                  16 * p);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+        }
+        st.a = st.b = dst;
+        st.n1 = len;
+        st.stride = rb + 16;
+    } else {
+        const int n1 = (int)min((long long)len, capacity - slot0);
+        st.n1 = n1;
+        st.stride = rb;
+        st.a = stage_bytes(dst, head + slot0 * rb, (size_t)n1 * rb);
+        st.b = stage_bytes(dst + ((((size_t)n1 * rb + 15) & ~(size_t)15) + 16), head,
+                           (size_t)(len - n1) * rb);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    return st;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* a, const void* p, bool trans) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                     : "r"(s));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                     : "r"(s));
+}
+
+// The codes of N consecutive values (from `first`, a multiple of 8) of a turbo group, packed:
+// turbo4 four bits each; turbo3 the low two bits in lo, the high bits in hi.
+template <int C, int N>
+struct Codes {
+    uint32_t lo[(N + 15) / 16 * 2], hi;
+    __device__ __forceinline__ void load(const uint8_t* grp, int gw, int first) {
+        const unsigned short* p;
+        if (C == C_TURBO4) {
+            p = reinterpret_cast<const unsigned short*>(grp + (gw == 128 ? 4 : 2) + first / 2);
+#pragma unroll
+            for (int k = 0; k < N / 8; k++) lo[k] = p[2 * k] | ((uint32_t)p[2 * k + 1] << 16);
+        } else {
+            p = reinterpret_cast<const unsigned short*>(grp + 2 + first / 4);
+#pragma unroll
+            for (int k = 0; k < N / 8; k++) {
+                const uint32_t w = p[k];
+                lo[k / 2] = (k % 2 == 0) ? w : (lo[k / 2] | (w << 16));
+            }
+            hi = 0;
+#pragma unroll
+            for (int k = 0; k < N / 8; k++) hi |= (uint32_t)grp[2 + gw / 4 + first / 8 + k] << (8 * k);
+        }
+    }
+    __device__ __forceinline__ int at(int j) const {
+        if (C == C_TURBO4) return (lo[j / 8] >> (4 * (j % 8))) & 15;
+        return ((lo[j / 16] >> (2 * (j % 16))) & 3) | (((hi >> j) & 1) << 2);
+    }
+};
+
+// A decoding block's shared memory besides the staged rows.
+struct DecodeShared {
+    float kcb[16], vcb[16];
+    float p[DEC_SPLIT * MAX_Q];  // [row][query]: scores, then weights
+    union {
+        float q[MAX_Q * MAX_AD];    // the queries, until they are in registers
+        float acc[MAX_Q * MAX_AD];  // then the warps' V sums
+    };
+};
+
+// Flash-decoding partials on tensor cores, one block per (KV head, slice of `split` past
+// positions from `first`). Queries q [n_kv, n_q ≤ 8, D] are in K's domain and already scaled;
+// V accumulates in V's domain. The slice's K and V rows are staged into shared memory (all
+// loads in flight at once), then three passes: scores Sᵀ = K·Qᵀ (16 rows a warp per mma tile,
+// n_q queries in the 8 columns), per query the slice max and the weights, then Oᵀ = Vᵀ·Pᵀ.
+// f16 rows enter the mma by ldmatrix; turbo rows are decoded from their codes in an order of
+// our choosing (a dot product does not care which dimension pairs with which, as long as the
+// query's follows): each lane reads contiguous codes, and the output dims are put back in
+// place when written. Turbo norms scale the scores per row, and the weights per row and group
+// for V. Partials: max, sum of weights, weighted V sum relative to that max.
+template <int D, int KC, int VC>
 __device__ __forceinline__ void attn_partial(
     const float* __restrict__ q, const uint8_t* __restrict__ k_rows,
     const uint8_t* __restrict__ v_rows, int k_rb, int v_rb, const float* __restrict__ k_cb,
-    const float* __restrict__ v_cb, long long capacity, int first, int n, int n_split,
-    const float* __restrict__ own_k, const float* __restrict__ own_v, float* __restrict__ part_max,
-    float* __restrict__ part_sum, float* __restrict__ part_acc, int n_q, int d, int split,
-    DecodeShared<Q>& sh) {
-    float *kcb = sh.kcb, *vcb = sh.vcb, *sq = sh.q, *sp = sh.p, *sacc = sh.acc;
+    const float* __restrict__ v_cb, long long capacity, int first, int n,
+    float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ part_acc,
+    int n_q, int split, DecodeShared& sh, uint8_t* stage) {
+    constexpr int GW = D % 128 == 0 ? 128 : 64, G = D / GW, KS = GW / 16;
     const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
-    const bool is_own = part == n_split;
-    const int lo = is_own ? 0 : part * split;
-    const int len = is_own ? 1 : max(0, min(n, lo + split) - lo);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int lo = part * split, len = min(n, lo + split) - lo;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const long long slot0 = ((long long)first + lo) % capacity;
+    const size_t head = (size_t)kvh * capacity;
+    const Staged ks = stage_rows(stage, k_rows + head * k_rb, k_rb, capacity, slot0, len);
+    const Staged vs = stage_rows(stage + staged_size(split, k_rb), v_rows + head * v_rb, v_rb,
+                                 capacity, slot0, len);
     if (tid < 16) {
-        kcb[tid] = k_cb[tid];
-        vcb[tid] = v_cb[tid];
+        sh.kcb[tid] = k_cb[tid];
+        sh.vcb[tid] = v_cb[tid];
     }
-    for (int i = tid; i < n_q * d; i += blockDim.x) {
-        sq[i] = q[(size_t)kvh * n_q * d + i];
-        sacc[i] = 0.f;
-    }
+    for (int i = tid; i < MAX_Q * D; i += blockDim.x)
+        sh.q[i] = i < n_q * D ? q[(size_t)kvh * n_q * D + i] : 0.f;
     __syncthreads();
-    const int L = d / 8, R = 32 / L, sub = lane / L, v0 = 8 * (lane % L);
-    const int stride = warps * R;
-    auto row_of = [&](const uint8_t* rows, const float* own, int rb, int r) {
-        const size_t slot = (size_t)(first + lo + r) % capacity;
-        return is_own ? reinterpret_cast<const uint8_t*>(own + (size_t)kvh * d)
-                      : rows + ((size_t)kvh * capacity + slot) * rb;
-    };
-    // Scores. The loop bound is the same for the whole warp, so the shuffles see every lane.
-    for (int r0 = warp * R; r0 < len; r0 += stride) {
-        const int r = r0 + sub;
-        float kx[8];
-        const float kn = read_oct<KC>(row_of(k_rows, own_k, k_rb, r < len ? r : 0), v0, d, kcb, kx);
+    // Qᵀ as the scores' B operand: query g, the k-step's dims (f16: 2t, 2t+1 | +8; turbo: the
+    // lane's four codes of the k-step, kk·4.. within its quarter of the group).
+    uint32_t qb[D / 16][2];
 #pragma unroll
-        for (int qi = 0; qi < Q; qi++) {
-            if (qi >= n_q) break;
-            const float4 a = *reinterpret_cast<const float4*>(sq + qi * d + v0);
-            const float4 b = *reinterpret_cast<const float4*>(sq + qi * d + v0 + 4);
-            float s = a.x * kx[0] + a.y * kx[1] + a.z * kx[2] + a.w * kx[3] + b.x * kx[4] +
-                      b.y * kx[5] + b.z * kx[6] + b.w * kx[7];
-            for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-            if (r < len && lane % L == 0) sp[r * Q + qi] = s * kn;
+    for (int kk = 0; kk < D / 16; kk++) {
+        const float* qr = sh.q + g * D;
+        int c0, c1;
+        if (KC == C_F16) {
+            c0 = 16 * kk + 2 * t;
+            c1 = c0 + 8;
+        } else {
+            c0 = (kk / KS) * GW + (GW / 4) * t + 4 * (kk % KS);
+            c1 = c0 + 2;
+        }
+        qb[kk][0] = pack_half2(qr[c0], qr[c0 + 1]);
+        qb[kk][1] = pack_half2(qr[c1], qr[c1 + 1]);
+    }
+    asm volatile("cp.async.wait_group 1;\n" ::);
+    __syncthreads();
+    for (int i = tid; i < MAX_Q * D; i += blockDim.x) sh.acc[i] = 0.f;
+    // Scores: a warp per 16-row tile; lanes hold rows g, g + 8 and queries 2t, 2t + 1.
+    for (int r0 = 16 * warp; r0 < len; r0 += 16 * DEC_WARPS) {
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        const int ra = min(r0 + g, len - 1), rb = min(r0 + g + 8, len - 1);
+        if (KC == C_F16) {
+            const int m = lane >> 3, rr = min(r0 + (lane & 7) + 8 * (m & 1), len - 1);
+            const uint8_t* row = ks.row(rr) + 16 * (m >> 1);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a[4];
+                ldmatrix_x4(a, row + 32 * kk, false);
+                mma16816(s, a, qb[kk][0], qb[kk][1]);
+            }
+        } else {
+#pragma unroll
+            for (int gi = 0; gi < G; gi++) {
+                const int gb = (KC == C_TURBO4 ? (GW == 128 ? 4 : 2) + GW / 2 : 2 + GW / 4 + GW / 8);
+                const uint8_t *ga = ks.row(ra) + gi * gb, *gbp = ks.row(rb) + gi * gb;
+                Codes<KC, GW / 4> ca, cb;
+                ca.load(ga, GW, (GW / 4) * t);
+                cb.load(gbp, GW, (GW / 4) * t);
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) {
+                    const uint32_t a[4] = {
+                        pack_half2(sh.kcb[ca.at(4 * kk)], sh.kcb[ca.at(4 * kk + 1)]),
+                        pack_half2(sh.kcb[cb.at(4 * kk)], sh.kcb[cb.at(4 * kk + 1)]),
+                        pack_half2(sh.kcb[ca.at(4 * kk + 2)], sh.kcb[ca.at(4 * kk + 3)]),
+                        pack_half2(sh.kcb[cb.at(4 * kk + 2)], sh.kcb[cb.at(4 * kk + 3)])};
+                    mma16816(c, a, qb[gi * KS + kk][0], qb[gi * KS + kk][1]);
+                }
+                const float na = half_at(ga), nb = half_at(gbp);
+                s[0] += na * c[0];
+                s[1] += na * c[1];
+                s[2] += nb * c[2];
+                s[3] += nb * c[3];
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = r0 + g + 8 * (e >> 1), qi = 2 * t + (e & 1);
+            if (r < len && qi < n_q) sh.p[r * MAX_Q + qi] = s[e];
         }
     }
     __syncthreads();
     // Per query (a warp each): the slice max, the weights in place of the scores, their sum.
-    for (int qi = warp; qi < n_q; qi += warps) {
+    for (int qi = warp; qi < n_q; qi += DEC_WARPS) {
         float m = -INFINITY;
-        for (int r = lane; r < len; r += 32) m = fmaxf(m, sp[r * Q + qi]);
+        for (int r = lane; r < len; r += 32) m = fmaxf(m, sh.p[r * MAX_Q + qi]);
         for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
         float l = 0.f;
         for (int r = lane; r < len; r += 32) {
-            const float p = __expf(sp[r * Q + qi] - m);
-            sp[r * Q + qi] = p;
+            const float p = __expf(sh.p[r * MAX_Q + qi] - m);
+            sh.p[r * MAX_Q + qi] = p;
             l += p;
         }
         for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
@@ -402,73 +502,108 @@ __device__ __forceinline__ void attn_partial(
             part_sum[o] = l;
         }
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
-    // V weighted by the weights: no shuffles inside, so lanes past the slice may leave early.
-    float acc[Q][8];
+    // Oᵀ = Vᵀ·Pᵀ: a warp per 16-row k-step; lanes hold dims (per m-tile) g, g + 8 and queries
+    // 2t, 2t + 1. Turbo m-tile mt of group gi: dims gi·GW + (GW/8)·g + 2·(mt % (GW/16)) (+1).
+    float o[D / 16][4];
 #pragma unroll
-    for (int qi = 0; qi < Q; qi++)
+    for (int mt = 0; mt < D / 16; mt++)
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc[qi][k] = 0.f;
-    for (int r = warp * R + sub; r < len; r += stride) {
-        float vx[8];
-        const float vn = read_oct<VC>(row_of(v_rows, own_v, v_rb, r), v0, d, vcb, vx);
+        for (int e = 0; e < 4; e++) o[mt][e] = 0.f;
+    for (int r0 = 16 * warp; r0 < len; r0 += 16 * DEC_WARPS) {
+        int rr[4];
+        float w[4];
 #pragma unroll
-        for (int qi = 0; qi < Q; qi++) {
-            if (qi >= n_q) break;
-            const float w = sp[r * Q + qi] * vn;
+        for (int k = 0; k < 4; k++) {
+            const int r = r0 + 2 * t + (k & 1) + 8 * (k >> 1);
+            rr[k] = min(r, len - 1);
+            w[k] = r < len && g < n_q ? sh.p[r * MAX_Q + g] : 0.f;
+        }
+        if (VC == C_F16) {
+            const uint32_t b0 = pack_half2(w[0], w[1]), b1 = pack_half2(w[2], w[3]);
+            const int m = lane >> 3, lr = min(r0 + (lane & 7) + 8 * (m >> 1), len - 1);
+            const uint8_t* row = vs.row(lr) + 16 * (m & 1);
 #pragma unroll
-            for (int k = 0; k < 8; k++) acc[qi][k] += w * vx[k];
+            for (int mt = 0; mt < D / 16; mt++) {
+                uint32_t a[4];
+                ldmatrix_x4(a, row + 32 * mt, true);
+                mma16816(o[mt], a, b0, b1);
+            }
+        } else {
+            constexpr int MT = GW / 16;
+#pragma unroll
+            for (int gi = 0; gi < G; gi++) {
+                const int gb = (VC == C_TURBO4 ? (GW == 128 ? 4 : 2) + GW / 2 : 2 + GW / 4 + GW / 8);
+                Codes<VC, GW / 8> c[4];
+                float wn[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const uint8_t* grp = vs.row(rr[k]) + gi * gb;
+                    c[k].load(grp, GW, (GW / 8) * g);
+                    wn[k] = w[k] * half_at(grp);
+                }
+                const uint32_t b0 = pack_half2(wn[0], wn[1]), b1 = pack_half2(wn[2], wn[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const uint32_t a[4] = {
+                        pack_half2(sh.vcb[c[0].at(2 * mt)], sh.vcb[c[1].at(2 * mt)]),
+                        pack_half2(sh.vcb[c[0].at(2 * mt + 1)], sh.vcb[c[1].at(2 * mt + 1)]),
+                        pack_half2(sh.vcb[c[2].at(2 * mt)], sh.vcb[c[3].at(2 * mt)]),
+                        pack_half2(sh.vcb[c[2].at(2 * mt + 1)], sh.vcb[c[3].at(2 * mt + 1)])};
+                    mma16816(o[gi * MT + mt], a, b0, b1);
+                }
+            }
         }
     }
-    // Lane groups of a warp hold the same values of different rows; warps add in shared memory.
+    // Warps add their tiles in shared memory, in natural dimension order.
 #pragma unroll
-    for (int qi = 0; qi < Q; qi++) {
-        if (qi >= n_q) break;
+    for (int mt = 0; mt < D / 16; mt++)
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            for (int off = L; off < 32; off <<= 1)
-                acc[qi][k] += __shfl_xor_sync(0xffffffff, acc[qi][k], off);
-            if (sub == 0) atomicAdd(sacc + qi * d + v0 + k, acc[qi][k]);
+        for (int e = 0; e < 4; e++) {
+            const int qi = 2 * t + (e & 1), hi = e >> 1;
+            int dim;
+            if (VC == C_F16) {
+                dim = 16 * mt + g + 8 * hi;
+            } else {
+                constexpr int MT = GW / 16;
+                dim = (mt / MT) * GW + (GW / 8) * g + 2 * (mt % MT) + hi;
+            }
+            if (qi < n_q) atomicAdd(sh.acc + qi * D + dim, o[mt][e]);
         }
-    }
     __syncthreads();
     const size_t slot = (size_t)kvh * slots + part;
-    for (int i = tid; i < n_q * d; i += blockDim.x) part_acc[slot * n_q * d + i] = sacc[i];
+    for (int i = tid; i < n_q * D; i += blockDim.x) part_acc[slot * n_q * D + i] = sh.acc[i];
 }
 
-// One instance per (GQA group bound, K codec, V codec): with the codecs known at compile time
-// the row decoding is straight-line code. The own position (full-precision rows)
-// takes the second inlined copy.
-#define ATTN_PARTIAL(NAME, Q, KC, VC)                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * DEC_MAX_WARPS) NAME(                     \
-        const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_rb, int v_rb,      \
-        const float* k_cb, const float* v_cb, long long capacity, int first, int n,            \
-        int n_split, const float* own_k, const float* own_v, float* part_max,                  \
-        float* part_sum, float* part_acc, int n_q, int d, int split) {                         \
-        __shared__ DecodeShared<Q> sh;                                                         \
-        if (blockIdx.y == n_split)                                                             \
-            attn_partial<Q, C_F32, C_F32>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity, \
-                                          first, n, n_split, own_k, own_v, part_max, part_sum, \
-                                          part_acc, n_q, d, split, sh);                        \
-        else                                                                                   \
-            attn_partial<Q, KC, VC>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity,       \
-                                    first, n, n_split, own_k, own_v, part_max, part_sum,       \
-                                    part_acc, n_q, d, split, sh);                              \
+// One instance per (head dim, K codec, V codec): the row decoding is straight-line code and the
+// fragments stay in registers. Dynamic shared memory: the staged slice,
+// staged_size(split, k_rb) + staged_size(split, v_rb) bytes.
+#define ATTN_PARTIAL(D, KN, KC, VN, VC)                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                               \
+        kv_attn_partial_##D##_##KN##_##VN(                                                     \
+            const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_rb, int v_rb,  \
+            const float* k_cb, const float* v_cb, long long capacity, int first, int n,        \
+            float* part_max, float* part_sum, float* part_acc, int n_q, int split) {           \
+        __shared__ DecodeShared sh;                                                            \
+        extern __shared__ __align__(16) uint8_t stage[];                                       \
+        attn_partial<D, KC, VC>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity, first, n, \
+                                part_max, part_sum, part_acc, n_q, split, sh, stage);          \
     }
 
-#define ATTN_PARTIAL_V(PREFIX, Q, KN, KC)                   \
-    ATTN_PARTIAL(PREFIX##_##KN##_f16, Q, KC, C_F16)         \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo4, Q, KC, C_TURBO4)   \
-    ATTN_PARTIAL(PREFIX##_##KN##_turbo3, Q, KC, C_TURBO3)
+#define ATTN_PARTIAL_V(D, KN, KC)                      \
+    ATTN_PARTIAL(D, KN, KC, f16, C_F16)                \
+    ATTN_PARTIAL(D, KN, KC, turbo4, C_TURBO4)          \
+    ATTN_PARTIAL(D, KN, KC, turbo3, C_TURBO3)
 
-#define ATTN_PARTIAL_KV(PREFIX, Q)                      \
-    ATTN_PARTIAL_V(PREFIX, Q, f16, C_F16)               \
-    ATTN_PARTIAL_V(PREFIX, Q, turbo4, C_TURBO4)         \
-    ATTN_PARTIAL_V(PREFIX, Q, turbo3, C_TURBO3)
+#define ATTN_PARTIAL_KV(D)                  \
+    ATTN_PARTIAL_V(D, f16, C_F16)           \
+    ATTN_PARTIAL_V(D, turbo4, C_TURBO4)     \
+    ATTN_PARTIAL_V(D, turbo3, C_TURBO3)
 
-// GQA groups up to 4 (llama 8B, SmolLM2), and up to 8.
-ATTN_PARTIAL_KV(kv_attn_partial_q4, 4)
-ATTN_PARTIAL_KV(kv_attn_partial_q8, MAX_Q)
+ATTN_PARTIAL_KV(64)
+ATTN_PARTIAL_KV(128)
+ATTN_PARTIAL_KV(256)
 
 // Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_reduce(float x, float* red, bool is_max) {
@@ -485,12 +620,17 @@ __device__ float block_reduce(float x, float* red, bool is_max) {
     return r;
 }
 
-// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials,
-// rotated back out of V's domain when `inverse`; one block per (KV head, query): slot weights
-// in shared memory (`slots` floats, dynamic), then (value × phase) threads sum over the slots.
+// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials
+// and the step's own position (its score q·own_k, its row own_v; q [n_kv, n_q, d] as the
+// partials took it, own_k/own_v [n_kv, d] in the codecs' domains), rotated back out of V's
+// domain when `inverse`; one block per (KV head, query): slot weights in shared memory (`slots`
+// floats, dynamic), then (value × phase) threads sum over the slots.
 extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
                                          const float* __restrict__ part_sum,
                                          const float* __restrict__ part_acc,
+                                         const float* __restrict__ q,
+                                         const float* __restrict__ own_k,
+                                         const float* __restrict__ own_v,
                                          float* __restrict__ out, int n_q, int d, int slots,
                                          int inverse) {
     extern __shared__ float weight[];
@@ -498,9 +638,14 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
     __shared__ float sums[1024];
     const int kvh = blockIdx.x, qi = blockIdx.y, tid = threadIdx.x;
     const size_t base = (size_t)kvh * slots;
-    float m = -INFINITY;
+    float own = 0.f;
+    for (int v = tid; v < d; v += blockDim.x)
+        own += q[((size_t)kvh * n_q + qi) * d + v] * own_k[(size_t)kvh * d + v];
+    own = block_reduce(own, red, false);
+    float m = own;
     for (int s = tid; s < slots; s += blockDim.x) m = fmaxf(m, part_max[(base + s) * n_q + qi]);
     m = block_reduce(m, red, true);
+    const float w_own = __expf(own - m);
     float den = 0.f;
     for (int s = tid; s < slots; s += blockDim.x) {
         const float pm = part_max[(base + s) * n_q + qi];
@@ -508,7 +653,7 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
         weight[s] = w;
         den += w * part_sum[(base + s) * n_q + qi];
     }
-    den = block_reduce(den, red, false);
+    den = block_reduce(den, red, false) + w_own;
     __syncthreads();
     const int phases = blockDim.x / d, v = tid % d, phase = tid / d;
     float num = 0.f;
@@ -517,10 +662,10 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
             num += weight[s] * part_acc[((base + s) * n_q + qi) * d + v];
     sums[tid] = num;
     __syncthreads();
-    __syncthreads();
     if (phase == 0) {
+        num += w_own * own_v[(size_t)kvh * d + v];
         for (int p = 1; p < phases; p++) num += sums[p * d + v];
-        sums[v] = den > 0.f ? num / den : 0.f;
+        sums[v] = num / den;
     }
     __syncthreads();
     if (inverse) wht_shared(sums, d, true);

@@ -12,8 +12,8 @@
 
 use anyhow::{Context, Result, bail};
 
+use candle_core::Tensor;
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
@@ -23,13 +23,38 @@ use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
 use super::store::{GPU_TYPES, LayerCache, RowStore};
 
+mod prefill;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 
-/// Past rows per flash-decoding slice (at most kv.cu's DEC_SPLIT, the slice's score buffer), and
+/// Most past rows per flash-decoding slice (kv.cu's DEC_SPLIT, the slice's score buffer), and
 /// threads per slice's block: on the H100 at 4K and 32K positions 256 rows and 4 warps beat
 /// 512/1024 rows and 8 warps (docs/CUDA.md).
 const SPLIT: usize = 256;
 const DECODE_THREADS: u32 = 128;
+/// Shared memory a slice's staged K and V rows may take: f16 rows of 128 values get 96-row
+/// slices, turbo4 the full 256.
+const STAGE_BYTES: usize = 56 << 10;
+/// Most queries per KV head the decode kernel takes (kv.cu's MAX_Q).
+const MAX_GROUP: usize = 8;
+
+/// kv.cu's `staged_size`: shared bytes for `len` staged rows of `rb` bytes (f16 rows padded
+/// by 16 bytes each, turbo rows packed with 64 bytes for alignment).
+fn staged_size(len: usize, rb: usize) -> usize {
+    if rb.is_multiple_of(16) {
+        len * (rb + 16)
+    } else {
+        (len * rb).next_multiple_of(16) + 64
+    }
+}
+
+/// Rows per decode slice (a multiple of the kernel's 16-row tiles) for a K/V row-size pair, and
+/// the shared bytes its staging takes.
+fn decode_split(k_rb: usize, v_rb: usize) -> (usize, usize) {
+    let stride = |rb: usize| if rb.is_multiple_of(16) { rb + 16 } else { rb };
+    let rows = ((STAGE_BYTES - 128) / (stride(k_rb) + stride(v_rb))).clamp(16, SPLIT) / 16 * 16;
+    (rows, staged_size(rows, k_rb) + staged_size(rows, v_rb))
+}
 /// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
 fn codec_id(ty: CacheType) -> Option<i32> {
     GPU_TYPES.iter().position(|&t| t == ty).map(|i| i as i32)
@@ -56,6 +81,8 @@ impl DeviceRows {
     ) -> Result<Self> {
         let codec = codec_id(ty).with_context(|| format!("no CUDA kernels for cache type {ty}"))?;
         let bytes = n_kv_head * capacity * ty.codec().bytes_per_row(head_dim);
+        // 16 bytes of slack: the decode kernel copies rows in aligned 16-byte pieces.
+        let alloc = bytes + 16;
         let s = dev.cuda_stream();
         let (mut centroids, mut mids) = (vec![0f32; 16], vec![0f32]);
         let bits = match ty {
@@ -70,7 +97,7 @@ impl DeviceRows {
         }
         Ok(Self {
             rows: s
-                .alloc_zeros::<u8>(bytes.max(1))
+                .alloc_zeros::<u8>(alloc)
                 .with_context(|| format!("allocating {bytes} bytes of KV cache on the GPU"))?,
             codec,
             rotates: bits.is_some(),
@@ -222,15 +249,6 @@ fn dequant(
     Ok(tensor(dev, out, &[n_kv, n, d]))
 }
 
-/// Bytes the prefill score tile [n_kv, group · t, keys] may take: longer pasts are attended in
-/// key tiles with an online softmax, so a 131K-token past needs no 8 GiB score matrix.
-const PREFILL_SCORE_BYTES: usize = 256 << 20;
-
-/// Keys per prefill tile for `rows` = n_head · t query rows.
-fn prefill_key_tile(rows: usize) -> usize {
-    (PREFILL_SCORE_BYTES / (4 * rows)).max(256)
-}
-
 /// Where one attention call sits: queries at `pos..pos+t` see keys from `lo`.
 struct Step {
     pos: usize,
@@ -271,8 +289,8 @@ pub struct Rotary<'a> {
 /// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
 /// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
 /// [t · n_kv, hd] (token-major; q and k roped here when `rope` is given); returns
-/// [t, n_head · hd]. Prefill attends over the past in tiles of `key_tile` keys (`None`: sized by
-/// [`prefill_key_tile`]; checks pass small tiles to exercise the merge).
+/// [t, n_head · hd]. Prefill attends over the past in tiles of `key_tile` keys (`None`: sized to
+/// a memory budget; checks pass small tiles to exercise the merge).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     cache: &mut LayerCache,
@@ -314,10 +332,7 @@ pub fn attention(
         ),
         None => (q, k),
     };
-    let key_tile = key_tile
-        .unwrap_or_else(|| prefill_key_tile(n_head * t))
-        .max(1);
-    let out = prefill(&dev, cache, &q, &k, &v, &step, key_tile)?;
+    let out = prefill::attend(&dev, cache, &q, &k, &v, &step, key_tile)?;
     let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
     store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
     store_rows(&dev, &mut cache.v, &vi, None, t, pos)?;
@@ -326,7 +341,8 @@ pub fn attention(
 
 /// One query per head, in three launches: `kv_step` (rope, the query into K's domain, the
 /// step's K/V appended and kept at full precision in the codecs' domains), flash-decoding
-/// partials over the past `lo..pos` plus the own position, and their merge (V rotated back).
+/// partials over the past `lo..pos` on tensor cores, and their merge with the own position
+/// (V rotated back).
 fn decode(
     dev: &CudaDevice,
     cache: &mut LayerCache,
@@ -338,6 +354,12 @@ fn decode(
 ) -> Result<Tensor> {
     let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
     let group = n_head / n_kv;
+    if group > MAX_GROUP || ![64, 128, 256].contains(&hd) {
+        bail!(
+            "no GPU decode kernel for {group} queries per KV head of head_dim {hd} (takes up to \
+             {MAX_GROUP} queries, head_dim 64, 128 or 256)"
+        );
+    }
     let mut own_k = scratch(dev, n_kv * hd)?;
     let mut own_v = scratch(dev, n_kv * hd)?;
     let mut q_prep = scratch(dev, n_head * hd)?;
@@ -389,52 +411,48 @@ fn decode(
     drop((qi, ki, vi, freqs));
     let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
     let n = step.pos - step.lo;
-    let n_split = n.div_ceil(SPLIT);
-    let slots = n_split + 1;
+    let (split, stage_bytes) = decode_split(krb as usize, vrb as usize);
+    let slots = n.div_ceil(split);
     let mut part_max = scratch(dev, n_kv * slots * group)?;
     let mut part_sum = scratch(dev, n_kv * slots * group)?;
     let mut part_acc = scratch(dev, n_kv * slots * group * hd)?;
-    // One instance per K/V codec pair and GQA group bound (kv.cu).
-    let codec_name = |c: i32| ["f16", "turbo4", "turbo3"][c as usize];
-    let partial = format!(
-        "kv_attn_partial_{}_{}_{}",
-        if group <= 4 { "q4" } else { "q8" },
-        codec_name(kr.codec),
-        codec_name(vr.codec)
-    );
-    let f = func(dev, &partial)?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    let split_i = SPLIT as i32;
-    let (first, n_i, ns, nq, d_i) = (
-        step.lo as i32,
-        n as i32,
-        n_split as i32,
-        group as i32,
-        hd as i32,
-    );
-    b.arg(&q_prep)
-        .arg(&kr.rows)
-        .arg(&vr.rows)
-        .arg(&krb)
-        .arg(&vrb)
-        .arg(&kr.centroids)
-        .arg(&vr.centroids)
-        .arg(&cap)
-        .arg(&first)
-        .arg(&n_i)
-        .arg(&ns)
-        .arg(&own_k)
-        .arg(&own_v)
-        .arg(&mut part_max)
-        .arg(&mut part_sum)
-        .arg(&mut part_acc)
-        .arg(&nq)
-        .arg(&d_i)
-        .arg(&split_i);
-    // SAFETY: argument types and order match `kv_attn_partial`; partials hold n_kv · slots
-    // slots; K and V stores share capacity and head count.
-    unsafe { b.launch(launch_cfg((n_kv as u32, slots as u32), DECODE_THREADS)) }?;
+    let (nq, d_i) = (group as i32, hd as i32);
+    if slots > 0 {
+        // One instance per head dim and K/V codec pair (kv.cu).
+        let codec_name = |c: i32| ["f16", "turbo4", "turbo3"][c as usize];
+        let partial = format!(
+            "kv_attn_partial_{hd}_{}_{}",
+            codec_name(kr.codec),
+            codec_name(vr.codec)
+        );
+        let f = func(dev, &partial)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (first, n_i, split_i) = (step.lo as i32, n as i32, split as i32);
+        b.arg(&q_prep)
+            .arg(&kr.rows)
+            .arg(&vr.rows)
+            .arg(&krb)
+            .arg(&vrb)
+            .arg(&kr.centroids)
+            .arg(&vr.centroids)
+            .arg(&cap)
+            .arg(&first)
+            .arg(&n_i)
+            .arg(&mut part_max)
+            .arg(&mut part_sum)
+            .arg(&mut part_acc)
+            .arg(&nq)
+            .arg(&split_i);
+        let cfg = LaunchConfig {
+            shared_mem_bytes: stage_bytes as u32,
+            ..launch_cfg((n_kv as u32, slots as u32), DECODE_THREADS)
+        };
+        // SAFETY: argument types and order match `kv_attn_partial_*`; partials hold
+        // n_kv · slots slots; K and V stores share capacity and head count (and 16 bytes of
+        // slack after their rows for the staging copies); stage_bytes ≤ MAX_DYNAMIC_SHARED.
+        unsafe { b.launch(cfg) }?;
+    }
     let mut out = scratch(dev, n_head * hd)?;
     let f = func(dev, "kv_attn_merge")?;
     let stream = dev.cuda_stream();
@@ -443,124 +461,24 @@ fn decode(
     b.arg(&part_max)
         .arg(&part_sum)
         .arg(&part_acc)
+        .arg(&q_prep)
+        .arg(&own_k)
+        .arg(&own_v)
         .arg(&mut out)
         .arg(&nq)
         .arg(&d_i)
         .arg(&slots_i)
         .arg(&inverse);
+    // Threads in d-wide phases, each summing every phases-th slot: at 32K positions f16 has
+    // ~340 slots a head.
     let cfg = LaunchConfig {
         grid_dim: (n_kv as u32, group as u32, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (1024, 1, 1),
         shared_mem_bytes: (4 * slots) as u32,
     };
     // SAFETY: as above, for `kv_attn_merge`; its dynamic shared memory holds one weight per
-    // slot (48 KiB by default: 12288 slots, 3M positions); 256 threads cover a head (≤ 256).
+    // slot (within MAX_DYNAMIC_SHARED: 16384 slots, ≥ 1.5M positions); 1024 threads cover a
+    // head (≤ 256 values).
     unsafe { b.launch(cfg) }?;
     Ok(tensor(dev, out, &[1, n_head * hd]))
-}
-
-/// Prefill: causal (and sliding-window) masked softmax attention with cuBLAS matmuls over the
-/// keys `lo..pos+t`, the past dequantized and the chunk's K/V at full precision. Keys go in
-/// tiles of `key_tile` with an online softmax (running max, sum and output rescaled per tile),
-/// so memory stays bounded at any depth; one tile takes the fused softmax.
-fn prefill(
-    dev: &CudaDevice,
-    cache: &LayerCache,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    step: &Step,
-    key_tile: usize,
-) -> Result<Tensor> {
-    let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
-    let (pos, lo) = (step.pos, step.lo);
-    let group = n_head / n_kv;
-    let t = q.dims2()?.0 / n_head;
-    let end = pos + t;
-    let device = Device::Cuda(dev.clone());
-    // [t, n_kv, hd] → [n_kv, t, hd]
-    let chunk = |x: &Tensor| -> Result<Tensor> {
-        Ok(x.reshape((t, n_kv, hd))?.transpose(0, 1)?.contiguous()?)
-    };
-    let (k_new, v_new) = (chunk(k)?, chunk(v)?);
-    // [n_kv, group · t, hd] → [t, n_head · hd]
-    let heads_to_tokens = |o: &Tensor| -> Result<Tensor> {
-        Ok(o.reshape((n_kv, group, t, hd))?
-            .permute((2, 0, 1, 3))?
-            .contiguous()?
-            .reshape((t, n_head * hd))?)
-    };
-    // [t, n_kv, group, hd] → [n_kv, group · t, hd], scaled once
-    let qh = (q
-        .reshape((t, n_kv, group, hd))?
-        .permute((1, 2, 0, 3))?
-        .contiguous()?
-        .reshape((n_kv, group * t, hd))?
-        * step.scale as f64)?;
-    // Query positions, repeated per group member: [group · t, 1].
-    let qpos = Tensor::arange(pos as f32, end as f32, &device)?
-        .reshape((1, t))?
-        .broadcast_as((group, t))?
-        .contiguous()?
-        .reshape((group * t, 1))?;
-    // Keys a..b: the stored past below `pos`, then the chunk's own rows.
-    let keys = |store: &RowStore, new: &Tensor, a: usize, b: usize| -> Result<Tensor> {
-        let mut parts = Vec::with_capacity(2);
-        if a < pos {
-            let rows = gpu_rows(store)?;
-            let n = b.min(pos) - a;
-            let (rb, cap) = (store.row_bytes, store.capacity);
-            parts.push(dequant(dev, rows, (n_kv, hd), rb, cap, a, n)?);
-        }
-        if b > pos {
-            let s = a.max(pos);
-            parts.push(new.narrow(1, s - pos, b - s)?);
-        }
-        Ok(Tensor::cat(&parts, 1)?)
-    };
-    // (running max, sum of weights, weighted V sum), each [n_kv, group · t, ·]
-    let mut state: Option<(Tensor, Tensor, Tensor)> = None;
-    let mut a = lo;
-    while a < end {
-        let b = (a + key_tile).min(end);
-        let (kt, vt) = (keys(&cache.k, &k_new, a, b)?, keys(&cache.v, &v_new, a, b)?);
-        let mut scores = qh.matmul(&kt.t()?.contiguous()?)?;
-        // A key is hidden from a query above it, or (sliding) w or more below it.
-        let future = b - 1 > pos;
-        let slid = cache.sliding_window.is_some_and(|w| a + w < end);
-        if future || slid {
-            let kpos = Tensor::arange(a as f32, b as f32, &device)?.reshape((1, b - a))?;
-            let mut visible = kpos.broadcast_le(&qpos)?.to_dtype(DType::F32)?;
-            if let Some(w) = cache.sliding_window {
-                let recent = kpos
-                    .broadcast_gt(&(&qpos - w as f64)?)?
-                    .to_dtype(DType::F32)?;
-                visible = (visible * recent)?;
-            }
-            scores = scores.broadcast_add(&((visible - 1.0)? * 1e30)?)?;
-        }
-        if state.is_none() && b == end {
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            return heads_to_tokens(&probs.matmul(&vt)?);
-        }
-        let tile_max = scores.max_keepdim(2)?;
-        let m = match &state {
-            Some((m0, _, _)) => m0.maximum(&tile_max)?,
-            None => tile_max,
-        };
-        let p = scores.broadcast_sub(&m)?.exp()?;
-        let (l_tile, o_tile) = (p.sum_keepdim(2)?, p.matmul(&vt)?);
-        state = Some(match state {
-            Some((m0, l0, o0)) => {
-                let alpha = (m0 - &m)?.exp()?;
-                let l = (l0.broadcast_mul(&alpha)? + l_tile)?;
-                let o = (o0.broadcast_mul(&alpha)? + o_tile)?;
-                (m, l, o)
-            }
-            None => (m, l_tile, o_tile),
-        });
-        a = b;
-    }
-    let (_, l, o) = state.context("prefill with no keys")?;
-    heads_to_tokens(&o.broadcast_div(&l)?)
 }
