@@ -28,8 +28,7 @@ mod prefill;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 
 /// Most past rows per flash-decoding slice (kv.cu's DEC_SPLIT, the slice's score buffer), and
-/// threads per slice's block: on the H100 at 4K and 32K positions 256 rows and 4 warps beat
-/// 512/1024 rows and 8 warps (docs/CUDA.md).
+/// threads per slice's block (kv.cu's DEC_WARPS warps).
 const SPLIT: usize = 256;
 const DECODE_THREADS: u32 = 128;
 /// Shared memory a slice's staged K and V rows may take: f16 rows of 128 values get 96-row
