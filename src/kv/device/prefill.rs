@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::{Step, dequant, gpu_rows};
 use crate::gpu::{self, Input, launch_cfg, scratch, tensor};
@@ -64,7 +64,7 @@ fn flash(
     let state_rows = if tiles > 1 { n_kv * rows } else { 1 };
     let mut m = scratch(dev, state_rows)?;
     let mut l = scratch(dev, state_rows)?;
-    let mut o: CudaSlice<f32> = scratch(dev, state_rows * hd)?;
+    let mut o = scratch(dev, state_rows * hd)?;
     let f = gpu::func(
         dev,
         "dhurandhar_prefill",
@@ -88,14 +88,14 @@ fn flash(
         } else {
             None
         };
-        let past_in = past
-            .as_ref()
-            .map(|(pk, pv)| Ok::<_, anyhow::Error>((Input::of(pk)?, Input::of(pv)?)))
-            .transpose()?;
-        let past_views = past_in
-            .as_ref()
-            .map(|(pk, pv)| Ok::<_, anyhow::Error>((pk.view()?, pv.view()?)))
-            .transpose()?;
+        let past_in = match &past {
+            Some((pk, pv)) => Some((Input::of(pk)?, Input::of(pv)?)),
+            None => None,
+        };
+        let past_views = match &past_in {
+            Some((pk, pv)) => Some((pk.view()?, pv.view()?)),
+            None => None,
+        };
         // Past keys absent: the kernel reads the chunk's (never touched below `pos`).
         let (pk, pv) = match &past_views {
             Some((pk, pv)) => (pk, pv),
