@@ -174,6 +174,7 @@ struct ConvertArgs {
 #[cfg(feature = "cuda")]
 #[derive(Args)]
 struct CudaCheckArgs {
+    /// Head dims of the timed layer; with --model, of the reshaped layer checks.
     #[arg(long, default_value = "128", value_delimiter = ',')]
     head_dim: Vec<usize>,
     /// Queries per KV head (the GQA group).
@@ -188,8 +189,16 @@ struct CudaCheckArgs {
     /// same tokens and compare logits and one layer's steps, per --cache-types.
     #[arg(short = 'm', long, value_delimiter = ',')]
     model: Vec<PathBuf>,
-    #[arg(long, value_delimiter = ',', default_value = "f16,turbo4,turbo3")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f16,turbo4,turbo3,turbo2,q8_0,q4_0"
+    )]
     cache_types: Vec<CacheType>,
+    /// With --model: V's type beside each K type of --cache-types (asymmetric pairs; the
+    /// one-layer check stays symmetric).
+    #[arg(long)]
+    cache_type_v: Option<CacheType>,
     /// Prompt tokens (fed in two chunks) and greedy decode steps for --model.
     #[arg(long, default_value_t = 48)]
     prompt: usize,
@@ -834,6 +843,30 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-pg", "--prompt-gen"),
 ];
 
+/// `cuda-check --model`: each model and cache type on the CPU and the GPU, then the first
+/// model's layer 0 again in the --head-dim / --kv-heads / --queries shapes.
+#[cfg(feature = "cuda")]
+fn cuda_check_models(a: &CudaCheckArgs) -> Result<()> {
+    use dhurandhar::bench::gpu_parity;
+    for m in &a.model {
+        for &ty in &a.cache_types {
+            let r = gpu_parity::check_layer(m, ty, None)?;
+            println!("{}", serde_json::to_string(&r)?);
+            let types = (ty, a.cache_type_v.unwrap_or(ty));
+            let r = gpu_parity::check(m, types, a.prompt, a.steps)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    for &ty in &a.cache_types {
+        for &d in &a.head_dim {
+            let shape = Some((a.kv_heads, a.queries, d));
+            let r = gpu_parity::check_layer(&a.model[0], ty, shape)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args()
         .map(|a| {
@@ -881,16 +914,7 @@ fn main() -> ExitCode {
         Command::Select(a) => select_cmd(&a),
         Command::MmapProfile(a) => mmap_profile(&a),
         #[cfg(feature = "cuda")]
-        Command::CudaCheck(a) if !a.model.is_empty() => a.model.iter().try_for_each(|m| {
-            a.cache_types.iter().try_for_each(|&ty| {
-                use dhurandhar::bench::gpu_parity;
-                let r = gpu_parity::check_layer(m, ty)?;
-                println!("{}", serde_json::to_string(&r)?);
-                let r = gpu_parity::check(m, ty, a.prompt, a.steps)?;
-                println!("{}", serde_json::to_string(&r)?);
-                Ok(())
-            })
-        }),
+        Command::CudaCheck(a) if !a.model.is_empty() => cuda_check_models(&a),
         #[cfg(feature = "cuda")]
         Command::CudaCheck(a) => a.cache_types.iter().try_for_each(|&ty| {
             for &ctx in &a.decode_context {

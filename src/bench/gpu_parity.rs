@@ -18,6 +18,7 @@ use crate::model::Logits;
 pub struct ParityReport {
     pub model: String,
     pub cache_type: String,
+    pub cache_type_v: String,
     pub gpu_layers: usize,
     pub prompt: usize,
     pub steps: usize,
@@ -37,13 +38,18 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// `model` with `ty` for K and V and plain rotation-codec rows (what the GPU store holds).
-fn plain_engine(model: &Path, n_ctx: usize, ty: CacheType, device: DeviceChoice) -> Result<Engine> {
+/// `model` with `k`/`v` cache types and plain rotation-codec rows (what the GPU store holds).
+fn plain_engine(
+    model: &Path,
+    n_ctx: usize,
+    (k, v): (CacheType, CacheType),
+    device: DeviceChoice,
+) -> Result<Engine> {
     Engine::load(&EngineConfig {
         model: model.to_path_buf(),
         n_ctx,
-        cache_k: ty,
-        cache_v: ty,
+        cache_k: k,
+        cache_v: v,
         chat_template: None,
         kv_layer_policy: None,
         kv_centering: false,
@@ -54,11 +60,16 @@ fn plain_engine(model: &Path, n_ctx: usize, ty: CacheType, device: DeviceChoice)
     })
 }
 
-pub fn check(model: &Path, ty: CacheType, prompt: usize, steps: usize) -> Result<ParityReport> {
+pub fn check(
+    model: &Path,
+    types: (CacheType, CacheType),
+    prompt: usize,
+    steps: usize,
+) -> Result<ParityReport> {
     let n_ctx = prompt + steps;
     let (cpu, gpu) = (
-        plain_engine(model, n_ctx, ty, DeviceChoice::Cpu)?,
-        plain_engine(model, n_ctx, ty, DeviceChoice::Cuda(0))?,
+        plain_engine(model, n_ctx, types, DeviceChoice::Cpu)?,
+        plain_engine(model, n_ctx, types, DeviceChoice::Cuda(0))?,
     );
     let (mut cc, mut gc) = (cpu.alloc_cache(n_ctx)?, gpu.alloc_cache(n_ctx)?);
     let mut rng = StdRng::seed_from_u64(7);
@@ -90,7 +101,8 @@ pub fn check(model: &Path, ty: CacheType, prompt: usize, steps: usize) -> Result
     }
     Ok(ParityReport {
         model: model.display().to_string(),
-        cache_type: ty.name().into(),
+        cache_type: types.0.name().into(),
+        cache_type_v: types.1.name().into(),
         gpu_layers: gc.layers.iter().filter(|l| l.k.on_device()).count(),
         prompt,
         steps,
@@ -106,6 +118,8 @@ pub fn check(model: &Path, ty: CacheType, prompt: usize, steps: usize) -> Result
 #[derive(Debug, serde::Serialize)]
 pub struct LayerReport {
     pub cache_type: String,
+    /// KV heads, GQA group, head dim.
+    pub shape: (usize, usize, usize),
     pub rope_max_abs: f32,
     /// max |gpu − cpu| per step: chunks of 12 and 9 tokens, then three decode steps.
     pub step_max_abs: Vec<f32>,
@@ -116,14 +130,26 @@ pub struct LayerReport {
     pub k_bytes_differing: Vec<usize>,
 }
 
-pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
+/// Layer 0 of `engine_model`, or with `shape` = (KV heads, GQA group, head dim) the same
+/// layer reshaped (the kernels' other head dims and groups on one model).
+pub fn check_layer(
+    engine_model: &Path,
+    ty: CacheType,
+    shape: Option<(usize, usize, usize)>,
+) -> Result<LayerReport> {
     use crate::kv::{KvCache, KvPolicy};
     use crate::model::arch::RopeStyle;
     use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let gpu_dev = DeviceChoice::Cuda(0).open()?;
-    let cpu = plain_engine(engine_model, 64, ty, DeviceChoice::Cpu)?;
-    let arch = &cpu.model.arch;
+    let cpu = plain_engine(engine_model, 64, (ty, ty), DeviceChoice::Cpu)?;
+    let mut arch = cpu.model.arch.clone();
+    if let Some((n_kv, group, hd)) = shape {
+        for l in &mut arch.layers {
+            (l.n_kv_head, l.n_head, l.head_dim) = (n_kv, n_kv * group, hd);
+        }
+    }
+    let arch = &arch;
     let g = &arch.layers[0];
     let (n_head, n_kv, hd) = (g.n_head, g.n_kv_head, g.head_dim);
     let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
@@ -208,6 +234,7 @@ pub fn check_layer(engine_model: &Path, ty: CacheType) -> Result<LayerReport> {
     Ok(LayerReport {
         k_bytes_differing,
         cache_type: ty.name().into(),
+        shape: (n_kv, n_head / n_kv, hd),
         rope_max_abs,
         step_max_abs,
         tiled_step_max_abs,

@@ -3,8 +3,9 @@
 //! (`kernels/cuda/kv.cu`), decode attention reads the compressed rows (flash-decoding, query
 //! rotated once, V accumulated in the rotated domain and rotated back once per head), and
 //! prefill dequantizes the past once per layer and runs causal attention with cuBLAS through
-//! candle. Types with kernels: f16, turbo4, turbo3. Other types, and architectures with
-//! shared-KV layers, keep their cache in host memory and attend on the CPU.
+//! candle. Types with kernels: f16, turbo4, turbo3, turbo2, q8_0, q4_0. Other types (the block
+//! rotors and SpectralQuant), and architectures with shared-KV layers, keep their cache in host
+//! memory and attend on the CPU.
 //!
 //! Device stores do not center rows on calibrated means, weight K's channels nor keep exact
 //! sink rows (the CPU store's refinements): they hold the fork's plain TurboQuant rows, like
@@ -26,6 +27,16 @@ use super::store::{GPU_TYPES, LayerCache, RowStore};
 mod prefill;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
+/// The decode partials, one module per K codec in [`GPU_TYPES`] order (`kernels/cuda/decode.cu`
+/// built for that codec; build.rs).
+const DECODE_PTX: [&str; GPU_TYPES.len()] = [
+    include_str!(concat!(env!("OUT_DIR"), "/decode_f16.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_turbo4.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_turbo3.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_turbo2.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_q8_0.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_q4_0.ptx")),
+];
 
 /// Most past rows per flash-decoding slice (kv.cu's DEC_SPLIT, the slice's score buffer), and
 /// threads per slice's block (kv.cu's DEC_WARPS warps).
@@ -62,7 +73,7 @@ pub struct DeviceRows {
     rows: CudaSlice<u8>,
     codec: i32,
     rotates: bool,
-    /// Turbo codebook (padded to 16) and its decision points; empty for f16.
+    /// Turbo codebook (padded to 16) and its decision points; empty for other codecs.
     centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
@@ -85,6 +96,7 @@ impl DeviceRows {
         let bits = match ty {
             CacheType::Turbo4 => Some(4),
             CacheType::Turbo3 => Some(3),
+            CacheType::Turbo2 => Some(2),
             _ => None,
         };
         if let Some(bits) = bits {
@@ -411,13 +423,14 @@ fn decode(
     if slots > 0 {
         // One instance per head dim and K/V codec pair (kv.cu); `layer_on_gpu` keeps other head
         // dims and GQA groups over 8 (kv.cu's MAX_Q) in host memory.
-        let codec_name = |c: i32| ["f16", "turbo4", "turbo3"][c as usize];
+        let (kc, vc) = (kr.codec as usize, vr.codec as usize);
         let partial = format!(
             "kv_attn_partial_{hd}_{}_{}",
-            codec_name(kr.codec),
-            codec_name(vr.codec)
+            GPU_TYPES[kc].name(),
+            GPU_TYPES[vc].name()
         );
-        let f = func(dev, &partial)?;
+        let module = format!("dhurandhar_decode_{}", GPU_TYPES[kc].name());
+        let f = gpu::func(dev, &module, DECODE_PTX[kc], &partial)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let (first, n_i, split_i) = (step.lo as i32, n as i32, split as i32);

@@ -310,7 +310,14 @@ pub struct LayerCache {
 }
 
 /// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
-pub const GPU_TYPES: [CacheType; 3] = [CacheType::F16, CacheType::Turbo4, CacheType::Turbo3];
+pub const GPU_TYPES: [CacheType; 6] = [
+    CacheType::F16,
+    CacheType::Turbo4,
+    CacheType::Turbo3,
+    CacheType::Turbo2,
+    CacheType::Q8_0,
+    CacheType::Q4_0,
+];
 
 /// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
 /// kernels, no layer shares another's K/V (those attend on the host), head_dim is one the
