@@ -199,6 +199,10 @@ struct CudaCheckArgs {
     /// one-layer check stays symmetric).
     #[arg(long)]
     cache_type_v: Option<CacheType>,
+    /// With --model: stores centered (calibrated means, K channel weights, sink rows; the
+    /// layer checks on a random calibration) instead of plain.
+    #[arg(long)]
+    centered: bool,
     /// Prompt tokens (fed in two chunks) and greedy decode steps for --model.
     #[arg(long, default_value_t = 48)]
     prompt: usize,
@@ -850,17 +854,17 @@ fn cuda_check_models(a: &CudaCheckArgs) -> Result<()> {
     use dhurandhar::bench::gpu_parity;
     for m in &a.model {
         for &ty in &a.cache_types {
-            let r = gpu_parity::check_layer(m, ty, None)?;
+            let r = gpu_parity::check_layer(m, ty, None, a.centered)?;
             println!("{}", serde_json::to_string(&r)?);
             let types = (ty, a.cache_type_v.unwrap_or(ty));
-            let r = gpu_parity::check(m, types, a.prompt, a.steps)?;
+            let r = gpu_parity::check(m, types, a.centered, a.prompt, a.steps)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }
     for &ty in &a.cache_types {
         for &d in &a.head_dim {
             let shape = Some((a.kv_heads, a.queries, d));
-            let r = gpu_parity::check_layer(&a.model[0], ty, shape)?;
+            let r = gpu_parity::check_layer(&a.model[0], ty, shape, a.centered)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }

@@ -8,6 +8,7 @@
 #include "codec.cuh"
 
 #define MAX_RD 512    // widest row the append/dequantize/WHT kernels take
+#define MAX_SINK 4    // most sink rows a head keeps (kv::store::SINK_ROWS)
 
 __constant__ float SIGNS1[128] = {
     -1, 1, 1, -1, -1, 1, -1, 1, -1, -1, 1, 1, 1, 1, 1, 1, 1, -1, 1, -1, 1, -1, -1, 1, 1, 1, -1, 1,
@@ -189,22 +190,74 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     }
 }
 
-// Stores rows x [t, n_kv, d] at positions pos..pos+t with `codec` (store_row); with `own`
-// non-null also writes them at full precision in the codec's domain. One block of d threads
-// per (KV head, token).
-extern "C" __global__ void kv_append(const float* __restrict__ x, uint8_t* __restrict__ rows,
-                                     float* __restrict__ own, int codec, int row_bytes,
+// One of K or V of a layer as the kernels take it (src/kv/device.rs's DeviceRows): the ring of
+// `capacity` rows per head, the codec (codebook `cb` and decision points `mids` for turbo),
+// and for centered stores the per-head mean and channel weights (nullable) and the f16 sink
+// rows (`n_sink` leading positions per head kept in the codec's domain, d values each).
+struct Store {
+    uint8_t* rows;
+    int codec, rb;
+    const float *cb, *mids;
+    int n_mids;
+    const float *mean, *cscale;
+    uint8_t* sinks;
+    int n_sink;
+};
+#define STORE_PARAMS(p)                                                                    \
+    uint8_t *p##_rows, uint8_t *p##_sinks, int p##_codec, int p##_rb, const float *p##_cb,   \
+        const float *p##_mids, int p##_n_mids, const float *p##_mean, const float *p##_cscale, \
+        int p##_n_sink
+#define STORE(p)                                                                           \
+    Store { p##_rows, p##_codec, p##_rb, p##_cb, p##_mids, p##_n_mids, p##_mean, p##_cscale, \
+            p##_sinks, p##_n_sink }
+
+// Stores head h's row for position p, value `val` in thread i < d of a block of d threads:
+// centered on the store's mean and weighted by its channel scales where it has them (the CPU
+// store's `write`, same float steps), then a sink row for p < n_sink, else quantized into the
+// ring (store_row). `own` (nullable) gets the row in the codec's domain at full precision.
+// Every thread of the block must call it.
+__device__ void put_row(const Store& st, float val, int h, long long p, long long capacity,
+                        int d, float* __restrict__ own) {
+    __shared__ float s[MAX_RD];
+    const int i = threadIdx.x;
+    const size_t c = (size_t)h * d + i;
+    if (i < d && st.mean) val = val - st.mean[c];
+    if (i < d && st.cscale) val = val * st.cscale[c];
+    if (p < st.n_sink) {
+        if (i < d) s[i] = val;
+        __syncthreads();
+        if (is_turbo(st.codec)) wht_shared(s, d, false);
+        if (i < d) {
+            put_half(st.sinks + 2 * (((size_t)h * st.n_sink + p) * d + i), s[i]);
+            if (own) own[i] = s[i];
+        }
+        return;
+    }
+    uint8_t* row = st.rows + ((size_t)h * capacity + (size_t)(p % capacity)) * st.rb;
+    store_row(val, row, own, st.codec, d, st.cb, st.mids, st.n_mids);
+}
+
+// Value v of head h's row for position p in the store's domain: its sink row or ring row.
+__device__ __forceinline__ float stored_value(const Store& st, int h, long long p,
+                                              long long capacity, int v, int d) {
+    if (p < st.n_sink) return half_at(st.sinks + 2 * (((size_t)h * st.n_sink + p) * d + v));
+    const uint8_t* row = st.rows + ((size_t)h * capacity + (size_t)(p % capacity)) * st.rb;
+    return value_at(st.codec, row, v, d, st.cb);
+}
+
+// Stores rows x [t, n_kv, d] at positions pos..pos+t (put_row); with `own` non-null also
+// writes them at full precision in the codec's domain. One block of d threads per (KV head,
+// token).
+extern "C" __global__ void kv_append(const float* __restrict__ x, float* __restrict__ own,
                                      long long capacity, int pos, int n_kv, int d,
-                                     const float* __restrict__ cb, const float* __restrict__ mids,
-                                     int n_mids) {
+                                     STORE_PARAMS(st)) {
     const int h = blockIdx.x, ti = blockIdx.y, i = threadIdx.x;
     // A chunk longer than a sliding-window ring wraps onto itself: only its last `capacity`
     // rows survive, so earlier ones are not written (blocks run in no particular order).
     if ((long long)ti + capacity < (long long)gridDim.y) return;
     const size_t src = ((size_t)ti * n_kv + h) * d;
-    uint8_t* row = rows + ((size_t)h * capacity + (size_t)(pos + ti) % capacity) * row_bytes;
-    store_row(i < d ? x[src + i] : 0.f, row, own ? own + src : nullptr, codec, d, cb, mids,
-              n_mids);
+    put_row(STORE(st), i < d ? x[src + i] : 0.f, h, (long long)pos + ti, capacity, d,
+            own ? own + src : nullptr);
 }
 
 // RoPE of one head held in shared memory `s` (hd values) at position p, as kv_rope computes it.
@@ -229,18 +282,17 @@ __device__ void rope_shared(float* s, const float* __restrict__ inv_freq, int hd
 }
 
 // Everything a decode step does before attention, in one launch (blocks of d threads): blocks
-// 0..n_head-1 rope the query heads (q [n_head, d]), rotate them into K's domain when K's codec
-// rotates, scale them into q_out; the next n_kv blocks rope K (k [n_kv, d]) and store it at
-// `pos`, the last n_kv store V; own_k / own_v get the step's rows at full precision in the
-// codecs' domains. `inv_freq` null: q and k come roped.
+// 0..n_head-1 rope the query heads (q [n_head, d]), divide them by K's channel weights, rotate
+// them into K's domain when K's codec rotates, scale them into q_out; the next n_kv blocks rope
+// K (k [n_kv, d]) and store it at `pos`, the last n_kv store V (put_row); own_k / own_v get the
+// step's rows at full precision in the stores' domains. `inv_freq` null: q and k come roped.
+// (Centering shifts every score of a query by the same q·μ, the step's own included, so the
+// softmax needs no correction; V's mean is added back after the merge.)
 extern "C" __global__ void kv_step(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ inv_freq, int neox, int pos, float* __restrict__ q_out,
-    float scale, int n_head, int n_kv, int d, long long capacity, uint8_t* __restrict__ k_rows,
-    float* __restrict__ own_k, int k_codec, int k_rb, const float* __restrict__ k_cb,
-    const float* __restrict__ k_mids, int k_n_mids, uint8_t* __restrict__ v_rows,
-    float* __restrict__ own_v, int v_codec, int v_rb, const float* __restrict__ v_cb,
-    const float* __restrict__ v_mids, int v_n_mids) {
+    float scale, int n_head, int n_kv, int d, long long capacity, float* __restrict__ own_k,
+    float* __restrict__ own_v, STORE_PARAMS(k), STORE_PARAMS(v)) {
     __shared__ float x[MAX_RD];
     const int blk = blockIdx.x, i = threadIdx.x;
     const bool is_q = blk < n_head, is_k = !is_q && blk < n_head + n_kv;
@@ -249,34 +301,38 @@ extern "C" __global__ void kv_step(
     if (i < d) x[i] = src[i];
     __syncthreads();
     if (!is_q && !is_k) {
-        store_row(i < d ? x[i] : 0.f,
-                  v_rows + ((size_t)h * capacity + (size_t)pos % capacity) * v_rb,
-                  own_v + (size_t)h * d, v_codec, d, v_cb, v_mids, v_n_mids);
+        put_row(STORE(v), i < d ? x[i] : 0.f, h, pos, capacity, d, own_v + (size_t)h * d);
         return;
     }
     if (inv_freq) rope_shared(x, inv_freq, d, pos, neox != 0);
     if (is_k) {
-        store_row(i < d ? x[i] : 0.f,
-                  k_rows + ((size_t)h * capacity + (size_t)pos % capacity) * k_rb,
-                  own_k + (size_t)h * d, k_codec, d, k_cb, k_mids, k_n_mids);
+        put_row(STORE(k), i < d ? x[i] : 0.f, h, pos, capacity, d, own_k + (size_t)h * d);
         return;
     }
+    if (i < d && k_cscale) x[i] = x[i] / k_cscale[(size_t)(h / (n_head / n_kv)) * d + i];
+    __syncthreads();
     if (is_turbo(k_codec)) wht_shared(x, d, false);
     if (i < d) q_out[(size_t)h * d + i] = x[i] * scale;
 }
 
-// out [n_kv, n, d] = positions first..first+n of every head, decoded to values (rotation
-// undone). One block of d threads per (position, head).
-extern "C" __global__ void kv_dequant(const uint8_t* __restrict__ rows, float* __restrict__ out,
-                                      int codec, int row_bytes, long long capacity, int first,
-                                      int n, int d, const float* __restrict__ cb) {
+// out [n_kv, n, d] = positions first..first+n of every head, decoded to values (sink rows or
+// ring rows, rotation undone, channel weights divided out, mean added back). One block of d
+// threads per (position, head).
+extern "C" __global__ void kv_dequant(float* __restrict__ out, long long capacity, int first,
+                                      int n, int d, STORE_PARAMS(st)) {
     __shared__ float s[MAX_RD];
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
-    const uint8_t* row = rows + ((size_t)h * capacity + (size_t)(first + r) % capacity) * row_bytes;
-    if (i < d) s[i] = value_at(codec, row, i, d, cb);
+    const long long p = (long long)first + r;
+    const size_t c = (size_t)h * d + i;
+    if (i < d) s[i] = stored_value(STORE(st), h, p, capacity, i, d);
     __syncthreads();
-    if (is_turbo(codec)) wht_shared(s, d, true);
-    if (i < d) out[((size_t)h * n + r) * d + i] = s[i];
+    if (is_turbo(st_codec)) wht_shared(s, d, true);
+    if (i < d) {
+        float x = s[i];
+        if (st_cscale) x = x / st_cscale[c];
+        if (st_mean) x = x + st_mean[c];
+        out[((size_t)h * n + r) * d + i] = x;
+    }
 }
 
 // Block-wide max / sum (blockDim a multiple of 32, ≤ 1024); every thread gets the result.
@@ -294,11 +350,13 @@ __device__ float block_reduce(float x, float* red, bool is_max) {
     return r;
 }
 
-// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials
-// and the step's own position (its score q·own_k, its row own_v; q [n_kv, n_q, d] as the
-// partials took it, own_k/own_v [n_kv, d] in the codecs' domains), rotated back out of V's
-// domain when `inverse`; one block per (KV head, query): slot weights in shared memory (`slots`
-// floats, dynamic), then (value × phase) threads sum over the slots.
+// out [n_kv, n_q, d] = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} sum_s over the `slots` partials,
+// the positions x_lo..x_hi (≤ MAX_SINK of them: where a store keeps sink rows, which the
+// partials skip; each store's sink or ring row) and the step's own position (its score
+// q·own_k, its row own_v; q [n_kv, n_q, d] as the partials took it, own_k/own_v [n_kv, d] in
+// the stores' domains), rotated back out of V's domain, plus V's mean where V is centered; one
+// block per (KV head, query): slot weights in shared memory (`slots` floats, dynamic), then
+// (value × phase) threads sum over the slots.
 extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
                                          const float* __restrict__ part_sum,
                                          const float* __restrict__ part_acc,
@@ -306,17 +364,27 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
                                          const float* __restrict__ own_k,
                                          const float* __restrict__ own_v,
                                          float* __restrict__ out, int n_q, int d, int slots,
-                                         int inverse) {
+                                         long long capacity, int x_lo, int x_hi,
+                                         STORE_PARAMS(k), STORE_PARAMS(v)) {
     extern __shared__ float weight[];
     __shared__ float red[32];
     __shared__ float sums[1024];
-    const int kvh = blockIdx.x, qi = blockIdx.y, tid = threadIdx.x;
+    const Store ks = STORE(k), vs = STORE(v);
+    const int kvh = blockIdx.x, qi = blockIdx.y, tid = threadIdx.x, n_x = x_hi - x_lo;
     const size_t base = (size_t)kvh * slots;
+    const float* qr = q + ((size_t)kvh * n_q + qi) * d;
     float own = 0.f;
-    for (int v = tid; v < d; v += blockDim.x)
-        own += q[((size_t)kvh * n_q + qi) * d + v] * own_k[(size_t)kvh * d + v];
+    for (int v = tid; v < d; v += blockDim.x) own += qr[v] * own_k[(size_t)kvh * d + v];
     own = block_reduce(own, red, false);
+    float x_score[MAX_SINK];
     float m = own;
+    for (int j = 0; j < n_x; j++) {
+        float x = 0.f;
+        for (int v = tid; v < d; v += blockDim.x)
+            x += qr[v] * stored_value(ks, kvh, x_lo + j, capacity, v, d);
+        x_score[j] = block_reduce(x, red, false);
+        m = fmaxf(m, x_score[j]);
+    }
     for (int s = tid; s < slots; s += blockDim.x) m = fmaxf(m, part_max[(base + s) * n_q + qi]);
     m = block_reduce(m, red, true);
     const float w_own = __expf(own - m);
@@ -328,6 +396,10 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
         den += w * part_sum[(base + s) * n_q + qi];
     }
     den = block_reduce(den, red, false) + w_own;
+    for (int j = 0; j < n_x; j++) {
+        x_score[j] = __expf(x_score[j] - m);
+        den += x_score[j];
+    }
     __syncthreads();
     const int phases = blockDim.x / d, v = tid % d, phase = tid / d;
     float num = 0.f;
@@ -338,10 +410,14 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
     __syncthreads();
     if (phase == 0) {
         num += w_own * own_v[(size_t)kvh * d + v];
+        for (int j = 0; j < n_x; j++)
+            num += x_score[j] * stored_value(vs, kvh, x_lo + j, capacity, v, d);
         for (int p = 1; p < phases; p++) num += sums[p * d + v];
         sums[v] = num / den;
     }
     __syncthreads();
-    if (inverse) wht_shared(sums, d, true);
-    if (tid < d) out[((size_t)kvh * n_q + qi) * d + tid] = sums[tid];
+    if (is_turbo(vs.codec)) wht_shared(sums, d, true);
+    if (tid < d)
+        out[((size_t)kvh * n_q + qi) * d + tid] =
+            vs.mean ? sums[tid] + vs.mean[(size_t)kvh * d + tid] : sums[tid];
 }

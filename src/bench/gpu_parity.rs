@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use crate::engine::sampling::argmax;
 use crate::engine::{DeviceChoice, Engine, EngineConfig};
 use crate::kv::CacheType;
+use crate::kv::calibration::KvCalibration;
 use crate::model::Logits;
 
 #[derive(Debug, serde::Serialize)]
@@ -19,6 +20,10 @@ pub struct ParityReport {
     pub model: String,
     pub cache_type: String,
     pub cache_type_v: String,
+    pub centered: bool,
+    /// Centered: max |gpu − cpu| of the two engines' own calibrations (K means, V means, K
+    /// channel weights); the GPU then runs on the CPU's.
+    pub calibration_max_abs: Option<[f32; 3]>,
     pub gpu_layers: usize,
     pub prompt: usize,
     pub steps: usize,
@@ -38,11 +43,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// `model` with `k`/`v` cache types and plain rotation-codec rows (what the GPU store holds).
-fn plain_engine(
+/// `model` with `k`/`v` cache types, rotation-codec rows centered or plain.
+fn engine(
     model: &Path,
     n_ctx: usize,
     (k, v): (CacheType, CacheType),
+    centered: bool,
     device: DeviceChoice,
 ) -> Result<Engine> {
     Engine::load(&EngineConfig {
@@ -52,7 +58,7 @@ fn plain_engine(
         cache_v: v,
         chat_template: None,
         kv_layer_policy: None,
-        kv_centering: false,
+        kv_centering: centered,
         ple_resident: false,
         kv_calibration: None,
         device,
@@ -60,17 +66,35 @@ fn plain_engine(
     })
 }
 
+/// With `centered`, both stores center on the CPU engine's calibration (the GPU engine's own
+/// would differ by its weights' rounding).
 pub fn check(
     model: &Path,
     types: (CacheType, CacheType),
+    centered: bool,
     prompt: usize,
     steps: usize,
 ) -> Result<ParityReport> {
     let n_ctx = prompt + steps;
-    let (cpu, gpu) = (
-        plain_engine(model, n_ctx, types, DeviceChoice::Cpu)?,
-        plain_engine(model, n_ctx, types, DeviceChoice::Cuda(0))?,
-    );
+    let cpu = engine(model, n_ctx, types, centered, DeviceChoice::Cpu)?;
+    let mut gpu = engine(model, n_ctx, types, centered, DeviceChoice::Cuda(0))?;
+    let calibration_max_abs = match (&cpu.calibration, &gpu.calibration) {
+        (Some(c), Some(g)) => {
+            let most = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| max_abs_diff(x, y))
+                    .fold(0f32, f32::max)
+            };
+            Some([
+                most(&c.k_mean, &g.k_mean),
+                most(&c.v_mean, &g.v_mean),
+                most(&c.k_scale, &g.k_scale),
+            ])
+        }
+        _ => None,
+    };
+    gpu.calibration = cpu.calibration.clone();
     let (mut cc, mut gc) = (cpu.alloc_cache(n_ctx)?, gpu.alloc_cache(n_ctx)?);
     let mut rng = StdRng::seed_from_u64(7);
     let vocab = cpu.model.arch.vocab as u32;
@@ -103,6 +127,8 @@ pub fn check(
         model: model.display().to_string(),
         cache_type: types.0.name().into(),
         cache_type_v: types.1.name().into(),
+        centered,
+        calibration_max_abs,
         gpu_layers: gc.layers.iter().filter(|l| l.k.on_device()).count(),
         prompt,
         steps,
@@ -120,6 +146,7 @@ pub struct LayerReport {
     pub cache_type: String,
     /// KV heads, GQA group, head dim.
     pub shape: (usize, usize, usize),
+    pub centered: bool,
     pub rope_max_abs: f32,
     /// max |gpu − cpu| per step: chunks of 12 and 9 tokens, then three decode steps.
     pub step_max_abs: Vec<f32>,
@@ -131,18 +158,20 @@ pub struct LayerReport {
 }
 
 /// Layer 0 of `engine_model`, or with `shape` = (KV heads, GQA group, head dim) the same
-/// layer reshaped (the kernels' other head dims and groups on one model).
+/// layer reshaped (the kernels' other head dims and groups on one model). With `centered`,
+/// every store centers on one random calibration (means, K channel weights; sink rows).
 pub fn check_layer(
     engine_model: &Path,
     ty: CacheType,
     shape: Option<(usize, usize, usize)>,
+    centered: bool,
 ) -> Result<LayerReport> {
     use crate::kv::{KvCache, KvPolicy};
     use crate::model::arch::RopeStyle;
     use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let gpu_dev = DeviceChoice::Cuda(0).open()?;
-    let cpu = plain_engine(engine_model, 64, (ty, ty), DeviceChoice::Cpu)?;
+    let cpu = engine(engine_model, 64, (ty, ty), false, DeviceChoice::Cpu)?;
     let mut arch = cpu.model.arch.clone();
     if let Some((n_kv, group, hd)) = shape {
         for l in &mut arch.layers {
@@ -153,12 +182,26 @@ pub fn check_layer(
     let g = &arch.layers[0];
     let (n_head, n_kv, hd) = (g.n_head, g.n_kv_head, g.head_dim);
     let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
-    let mut hc = KvCache::new(arch, &policy, 64, None, &Device::Cpu)?;
-    let mut dc = KvCache::new(arch, &policy, 64, None, &gpu_dev)?;
-    let mut tc = KvCache::new(arch, &policy, 64, None, &gpu_dev)?;
     let mut rng = StdRng::seed_from_u64(3);
     let mut rand =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+    let calib = centered.then(|| {
+        let per_layer = |x: &mut dyn FnMut() -> Vec<f32>| (0..arch.n_layer).map(|_| x()).collect();
+        let n = n_kv * hd;
+        KvCalibration {
+            tokens: 0,
+            k_mean: per_layer(&mut || rand(n)),
+            v_mean: per_layer(&mut || rand(n)),
+            k_spectra: Vec::new(),
+            v_spectra: Vec::new(),
+            center: true,
+            k_scale: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(x / 2.0)).collect()),
+        }
+    });
+    let calib = calib.as_ref();
+    let mut hc = KvCache::new(arch, &policy, 64, calib, &Device::Cpu)?;
+    let mut dc = KvCache::new(arch, &policy, 64, calib, &gpu_dev)?;
+    let mut tc = KvCache::new(arch, &policy, 64, calib, &gpu_dev)?;
     let rope = Rope::new(10000.0, hd, 1.0, RopeStyle::Neox, false);
     let freqs = Tensor::new(rope.inv_freq(), &gpu_dev)?;
     let x = rand(5 * n_head * hd);
@@ -235,6 +278,7 @@ pub fn check_layer(
         k_bytes_differing,
         cache_type: ty.name().into(),
         shape: (n_kv, n_head / n_kv, hd),
+        centered,
         rope_max_abs,
         step_max_abs,
         tiled_step_max_abs,
@@ -272,7 +316,7 @@ pub fn time_decode(
     let Device::Cuda(cd) = &dev else {
         anyhow::bail!("cuda-check needs a GPU");
     };
-    let store = || RowStore::on_gpu(cd, ty, n_kv, hd, ctx + reps);
+    let store = || RowStore::on_gpu(cd, ty, (n_kv, hd, ctx + reps), None, None);
     let mut cache = LayerCache {
         k: store()?,
         v: store()?,

@@ -152,24 +152,7 @@ impl Engine {
             n_ctx,
         };
         let types = || engine.policy.layers.iter().flat_map(|&(k, v)| [k, v]);
-        // Centering needs the calibrated means only where a rotating type keeps a host cache:
-        // GPU stores hold plain rows.
-        let arch = &engine.model.arch;
-        let uses_rotation = engine
-            .policy
-            .layers
-            .iter()
-            .enumerate()
-            .any(|(il, &(k, v))| {
-                (k.codec().rotates() || v.codec().rotates())
-                    && !crate::kv::store::layer_in_device_memory(
-                        &engine.model.device,
-                        arch,
-                        il,
-                        k,
-                        v,
-                    )
-            });
+        let uses_rotation = types().any(|t| t.codec().rotates());
         let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
         if (cfg.kv_centering && uses_rotation) || uses_spectrum {
             let mut calib = if uses_spectrum {
@@ -215,8 +198,9 @@ impl Engine {
         Ok(calib)
     }
 
-    /// Reads the built-in calibration text with an f32 cache and keeps its K/V means (and with
-    /// `spectra`, each head's covariance spectrum for SpectralQuant).
+    /// Reads the built-in calibration text with an f32 cache (f16 on a GPU, whose stores and
+    /// flash attention take it: the f32 cache would attend on the host) and keeps its K/V means
+    /// (and with `spectra`, each head's covariance spectrum for SpectralQuant).
     fn calibrate(&self, spectra: bool) -> Result<KvCalibration> {
         let t0 = Instant::now();
         let tokens = match &self.tok {
@@ -227,7 +211,12 @@ impl Engine {
                 .collect(),
         };
         let arch = &self.model.arch;
-        let policy = KvPolicy::uniform(arch.n_layer, CacheType::F32, CacheType::F32);
+        let ty = if self.model.device.is_cuda() {
+            CacheType::F16
+        } else {
+            CacheType::F32
+        };
+        let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
         let mut cache = KvCache::new(arch, &policy, tokens.len(), None, &self.model.device)?;
         // Query energies for K's channel weights (`DH_KV_CHANNEL_SCALE=0`: none, to compare).
         if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() != Ok("0") {
@@ -236,7 +225,7 @@ impl Engine {
             }
         }
         self.prefill(&mut cache, &tokens)?;
-        let calib = KvCalibration::from_cache(&cache, spectra);
+        let calib = KvCalibration::from_cache(&cache, spectra)?;
         eprintln!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
             if spectra { " and per-head spectra" } else { "" },

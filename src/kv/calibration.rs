@@ -138,7 +138,7 @@ impl KvCalibration {
     /// f32 cache that has read the calibration text), leaving out position 0: the first token is
     /// an attention sink whose K/V are unlike the rest. Sliding-window layers use the rows they
     /// still hold.
-    pub fn from_cache(cache: &KvCache, spectra: bool) -> Self {
+    pub fn from_cache(cache: &KvCache, spectra: bool) -> Result<Self> {
         let n = cache.len;
         let mut out = Self {
             tokens: n,
@@ -166,9 +166,10 @@ impl KvCalibration {
                 let mut layer_spectra = Vec::new();
                 // Shared-KV layers store nothing: their mean stays zero and unused.
                 if store.capacity > 0 {
+                    let all = store.values(lo..n)?;
+                    let per_head = (n - lo) * hd;
                     for (h, m) in mean.chunks_exact_mut(hd).enumerate() {
-                        let mut rows = Vec::new();
-                        store.read_rows(h, lo..n, |row| rows.extend_from_slice(row));
+                        let rows = &all[h * per_head..(h + 1) * per_head];
                         let count = (rows.len() / hd).max(1);
                         for row in rows.chunks_exact(hd) {
                             for (a, b) in m.iter_mut().zip(row) {
@@ -176,10 +177,10 @@ impl KvCalibration {
                             }
                         }
                         if spectra {
-                            layer_spectra.push(Spectrum::of_covariance(hd, &covariance(&rows, m)));
+                            layer_spectra.push(Spectrum::of_covariance(hd, &covariance(rows, m)));
                         }
                         if let Some((q2, nq)) = queries {
-                            k_scale.extend(k_channel_scales(&rows, &q2[h * hd..(h + 1) * hd], *nq));
+                            k_scale.extend(k_channel_scales(rows, &q2[h * hd..(h + 1) * hd], *nq));
                         }
                     }
                 }
@@ -190,7 +191,7 @@ impl KvCalibration {
             }
             out.k_scale.push(k_scale);
         }
-        out
+        Ok(out)
     }
 }
 

@@ -1,15 +1,15 @@
 //! The KV cache in GPU memory (`--features cuda`): rows stay on the device in the CPU codecs'
 //! bytes and store layout, K/V are quantized there as they are appended
-//! (`kernels/cuda/kv.cu`), decode attention reads the compressed rows (flash-decoding, query
-//! rotated once, V accumulated in the rotated domain and rotated back once per head), and
-//! prefill dequantizes the past once per layer and runs causal attention with cuBLAS through
-//! candle. Types with kernels: f16, turbo4, turbo3, turbo2, q8_0, q4_0. Other types (the block
-//! rotors and SpectralQuant), and architectures with shared-KV layers, keep their cache in host
-//! memory and attend on the CPU.
+//! (`kernels/cuda/kv.cu`), decode attention reads the compressed rows (flash-decoding on tensor
+//! cores, `kernels/cuda/decode.cu`: query rotated once, V accumulated in the rotated domain and
+//! rotated back once per head), and prefill dequantizes the past tile by tile for a
+//! flash-attention kernel (`prefill`). Types with kernels: f16, turbo4, turbo3, turbo2, q8_0,
+//! q4_0. Other types (the block rotors and SpectralQuant), and architectures with shared-KV
+//! layers, keep their cache in host memory and attend on the CPU.
 //!
-//! Device stores do not center rows on calibrated means, weight K's channels nor keep exact
-//! sink rows (the CPU store's refinements): they hold the fork's plain TurboQuant rows, like
-//! `--no-kv-centering`.
+//! Stores center their rows as the CPU store does: turbo rows on the calibrated per-head means,
+//! K's channels weighted, the first positions kept as f16 sink rows in the codec's domain
+//! ([`Centering`]); with `--no-kv-centering` they hold the fork's plain TurboQuant rows.
 
 use anyhow::{Context, Result, bail};
 
@@ -22,7 +22,7 @@ use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 use super::CacheType;
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
-use super::store::{GPU_TYPES, LayerCache, RowStore};
+use super::store::{GPU_TYPES, LayerCache, RowStore, SINK_ROWS};
 
 mod prefill;
 
@@ -68,27 +68,67 @@ fn codec_id(ty: CacheType) -> Option<i32> {
     GPU_TYPES.iter().position(|&t| t == ty).map(|i| i as i32)
 }
 
-/// One of K or V of one layer in GPU memory.
+/// One of K or V of one layer in GPU memory (kv.cu's `Store`).
 pub struct DeviceRows {
+    dev: CudaDevice,
     rows: CudaSlice<u8>,
+    /// f16 sink rows in the codec's domain, `layout.n_sink` per head (a placeholder byte when
+    /// none).
+    sinks: CudaSlice<u8>,
+    layout: Layout,
+}
+
+/// How a store's rows read: codec, sizes, centering.
+struct Layout {
+    n_sink: i32,
     codec: i32,
-    rotates: bool,
+    row_bytes: i32,
     /// Turbo codebook (padded to 16) and its decision points; empty for other codecs.
     centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
+    /// Centered stores: the per-head mean and (K) channel weights, `n_kv_head × head_dim`.
+    mean: Option<CudaSlice<f32>>,
+    cscale: Option<CudaSlice<f32>>,
+}
+
+impl Layout {
+    /// kv.cu's `STORE_PARAMS` after the rows and sinks.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+        b.arg(&self.codec)
+            .arg(&self.row_bytes)
+            .arg(&self.centroids)
+            .arg(&self.mids)
+            .arg(&self.n_mids);
+        for x in [&self.mean, &self.cscale] {
+            match x {
+                Some(x) => b.arg(x),
+                None => b.arg(null),
+            };
+        }
+        b.arg(&self.n_sink);
+    }
+}
+
+/// How a store centers its rows (the CPU store's refinements): per-head mean and channel
+/// weights (`n_kv_head × head_dim` each), and how many leading positions it keeps as sink rows.
+#[derive(Default)]
+pub struct Centering<'a> {
+    pub mean: Option<&'a [f32]>,
+    pub scale: Option<&'a [f32]>,
+    pub sink: usize,
 }
 
 impl DeviceRows {
     pub fn new(
         dev: &CudaDevice,
         ty: CacheType,
-        n_kv_head: usize,
-        head_dim: usize,
-        capacity: usize,
+        (n_kv_head, head_dim, capacity): (usize, usize, usize),
+        centering: &Centering,
     ) -> Result<Self> {
         let codec = codec_id(ty).with_context(|| format!("no CUDA kernels for cache type {ty}"))?;
-        let bytes = n_kv_head * capacity * ty.codec().bytes_per_row(head_dim);
+        let row_bytes = ty.codec().bytes_per_row(head_dim);
+        let bytes = n_kv_head * capacity * row_bytes;
         // 16 bytes of slack: the decode kernel copies rows in aligned 16-byte pieces.
         let alloc = bytes + 16;
         let s = dev.cuda_stream();
@@ -104,41 +144,97 @@ impl DeviceRows {
             centroids[..cb.centroids.len()].copy_from_slice(&cb.centroids);
             mids = cb.mids.clone();
         }
+        if centering.sink > SINK_ROWS {
+            bail!("at most {SINK_ROWS} sink rows on the GPU");
+        }
+        let upload = |x: Option<&[f32]>| x.map(|x| s.clone_htod(x)).transpose();
         Ok(Self {
+            dev: dev.clone(),
             rows: s
                 .alloc_zeros::<u8>(alloc)
                 .with_context(|| format!("allocating {bytes} bytes of KV cache on the GPU"))?,
-            codec,
-            rotates: bits.is_some(),
-            n_mids: if bits.is_some() { mids.len() as i32 } else { 0 },
-            centroids: s.clone_htod(&centroids)?,
-            mids: s.clone_htod(&mids)?,
+            sinks: s.alloc_zeros::<u8>((2 * n_kv_head * centering.sink * head_dim).max(1))?,
+            layout: Layout {
+                n_sink: centering.sink as i32,
+                codec,
+                row_bytes: row_bytes as i32,
+                n_mids: if bits.is_some() { mids.len() as i32 } else { 0 },
+                centroids: s.clone_htod(&centroids)?,
+                mids: s.clone_htod(&mids)?,
+                mean: upload(centering.mean)?,
+                cscale: upload(centering.scale)?,
+            },
         })
     }
-}
 
-impl DeviceRows {
-    /// `kv_step`'s arguments for one store: rows, the step's full-precision row `own`, codec,
-    /// row bytes, codebook, decision points and their count.
-    fn push_store_args<'a>(
-        &'a mut self,
-        b: &mut LaunchArgs<'a>,
-        own: &'a mut CudaSlice<f32>,
-        row_bytes: &'a i32,
-    ) {
-        b.arg(&mut self.rows)
-            .arg(own)
-            .arg(&self.codec)
-            .arg(row_bytes)
-            .arg(&self.centroids)
-            .arg(&self.mids)
-            .arg(&self.n_mids);
+    /// Pushes kv.cu's `STORE_PARAMS` for a kernel that writes the store.
+    fn push_mut<'a>(&'a mut self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+        let Self {
+            rows,
+            sinks,
+            layout,
+            ..
+        } = self;
+        b.arg(rows).arg(sinks);
+        layout.push(b, null);
+    }
+
+    /// Pushes kv.cu's `STORE_PARAMS` for a kernel that reads the store.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+        b.arg(&self.rows).arg(&self.sinks);
+        self.layout.push(b, null);
+    }
+
+    /// Positions `range` of every head as values [n_kv, n, d] on the host.
+    pub fn values(
+        &self,
+        (n_kv, d): (usize, usize),
+        capacity: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = dequant(
+            &self.dev,
+            self,
+            (n_kv, d),
+            capacity,
+            range.start,
+            range.len(),
+        )?;
+        Ok(x.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// The stored bytes, copied to the host (checks).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<Vec<u8>> {
         Ok(dev.cuda_stream().clone_dtoh(&self.rows)?)
     }
+}
+
+/// The decode partials for K/V codec ids `kc`/`vc` at head dim `hd` (decode.cu).
+fn partial_func(dev: &CudaDevice, kc: usize, vc: usize, hd: usize) -> Result<CudaFunction> {
+    let (k, v) = (GPU_TYPES[kc].name(), GPU_TYPES[vc].name());
+    let module = format!("dhurandhar_decode_{k}");
+    gpu::func(
+        dev,
+        &module,
+        DECODE_PTX[kc],
+        &format!("kv_attn_partial_{hd}_{k}_{v}"),
+    )
+}
+
+/// Loads (JIT-compiles, the first time) the kernels a layer with these cache types runs, so
+/// that the first decode step of a timed run does not pay for it.
+pub fn load_kernels(dev: &CudaDevice, k: CacheType, v: CacheType, head_dim: usize) -> Result<()> {
+    let id = |t| {
+        codec_id(t)
+            .map(|c| c as usize)
+            .with_context(|| format!("no CUDA kernels for cache type {t}"))
+    };
+    partial_func(dev, id(k)?, id(v)?, head_dim)?;
+    func(dev, "kv_step")?;
+    Ok(())
 }
 
 /// Our kernel `name` (kv.cu) on `dev`.
@@ -178,16 +274,14 @@ pub fn rope(
     Ok(tensor(&dev, y, &[rows, hd]))
 }
 
-/// Quantizes `x` [t · n_kv, d] (token-major) into the store at positions `pos..pos+t`; with
-/// `own`, also writes the rows in the codec's domain at full precision.
-#[allow(clippy::too_many_arguments)]
+/// Stores `x` [t · n_kv, d] (token-major) at positions `pos..pos+t` (kv.cu's `put_row`); with
+/// `own`, also writes the rows in the store's domain at full precision.
 fn append(
     dev: &CudaDevice,
     store: &mut DeviceRows,
     x: &CudaView<f32>,
     own: Option<&mut CudaSlice<f32>>,
     (t, n_kv, d): (usize, usize, usize),
-    row_bytes: usize,
     capacity: usize,
     pos: usize,
 ) -> Result<()> {
@@ -195,39 +289,26 @@ fn append(
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     let null = 0u64;
-    let (codec, rb, cap, pos_i, nkv, d_i) = (
-        store.codec,
-        row_bytes as i32,
-        capacity as i64,
-        pos as i32,
-        n_kv as i32,
-        d as i32,
-    );
-    b.arg(x).arg(&mut store.rows);
+    let (cap, pos_i, nkv, d_i) = (capacity as i64, pos as i32, n_kv as i32, d as i32);
+    b.arg(x);
     match own {
         Some(o) => b.arg(o),
         None => b.arg(&null),
     };
-    b.arg(&codec)
-        .arg(&rb)
-        .arg(&cap)
-        .arg(&pos_i)
-        .arg(&nkv)
-        .arg(&d_i)
-        .arg(&store.centroids)
-        .arg(&store.mids)
-        .arg(&store.n_mids);
-    // SAFETY: argument types and order match `kv_append`; the store holds n_kv · capacity rows.
+    b.arg(&cap).arg(&pos_i).arg(&nkv).arg(&d_i);
+    store.push_mut(&mut b, &null);
+    // SAFETY: argument types and order match `kv_append`; the store holds n_kv · capacity rows
+    // and n_kv · n_sink sink rows.
     unsafe { b.launch(launch_cfg((n_kv as u32, t as u32), d as u32)) }?;
     Ok(())
 }
 
-/// Positions `first..first+n` of every head as values [n_kv, n, d].
+/// Positions `first..first+n` of every head as values [n_kv, n, d] (sink or ring rows,
+/// centering undone).
 fn dequant(
     dev: &CudaDevice,
     store: &DeviceRows,
     (n_kv, d): (usize, usize),
-    row_bytes: usize,
     capacity: usize,
     first: usize,
     n: usize,
@@ -236,23 +317,10 @@ fn dequant(
     let f = func(dev, "kv_dequant")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (codec, rb, cap, first_i, n_i, d_i) = (
-        store.codec,
-        row_bytes as i32,
-        capacity as i64,
-        first as i32,
-        n as i32,
-        d as i32,
-    );
-    b.arg(&store.rows)
-        .arg(&mut out)
-        .arg(&codec)
-        .arg(&rb)
-        .arg(&cap)
-        .arg(&first_i)
-        .arg(&n_i)
-        .arg(&d_i)
-        .arg(&store.centroids);
+    let null = 0u64;
+    let (cap, first_i, n_i, d_i) = (capacity as i64, first as i32, n as i32, d as i32);
+    b.arg(&mut out).arg(&cap).arg(&first_i).arg(&n_i).arg(&d_i);
+    store.push(&mut b, &null);
     // SAFETY: argument types and order match `kv_dequant`; out holds n_kv · n · d values.
     unsafe { b.launch(launch_cfg((n as u32, n_kv as u32), d as u32)) }?;
     Ok(tensor(dev, out, &[n_kv, n, d]))
@@ -279,13 +347,13 @@ fn store_rows(
     t: usize,
     pos: usize,
 ) -> Result<()> {
-    let (rb, cap, n_kv) = (store.row_bytes, store.capacity, store.n_kv_head);
+    let (cap, n_kv) = (store.capacity, store.n_kv_head);
     let d = x.values() / (t * n_kv);
     let rows = store
         .gpu
         .as_mut()
         .context("layer cache is not on the GPU")?;
-    append(dev, rows, &x.view()?, own, (t, n_kv, d), rb, cap, pos)
+    append(dev, rows, &x.view()?, own, (t, n_kv, d), cap, pos)
 }
 
 /// RoPE for the queries and keys an attention call takes: frequencies [hd/2] on the device and
@@ -331,7 +399,8 @@ pub fn attention(
         n_head,
         scale,
     };
-    if t == 1 {
+    // The calibration pass (query energies kept) takes the prefill path even for one token.
+    if t == 1 && cache.query_energy.is_none() {
         return decode(&dev, cache, &q, &k, &v, rope, &step);
     }
     let (q, k) = match rope {
@@ -341,6 +410,17 @@ pub fn attention(
         ),
         None => (q, k),
     };
+    if let Some((energy, count)) = cache.query_energy.as_mut() {
+        // Σ q² per (KV head, channel) over the chunk's tokens and the GQA group's queries, as
+        // the host attention keeps it.
+        let (n_kv, hd) = (cache.k.n_kv_head, cache.head_dim);
+        let group = n_head / n_kv;
+        let e = q.reshape((t, n_kv, group, hd))?.sqr()?.sum((0, 2))?;
+        for (a, b) in energy.iter_mut().zip(e.flatten_all()?.to_vec1::<f32>()?) {
+            *a += b as f64;
+        }
+        *count += t * group;
+    }
     let out = prefill::attend(&dev, cache, &q, &k, &v, &step, key_tile)?;
     let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
     store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
@@ -349,9 +429,9 @@ pub fn attention(
 }
 
 /// One query per head, in three launches: `kv_step` (rope, the query into K's domain, the
-/// step's K/V appended and kept at full precision in the codecs' domains), flash-decoding
-/// partials over the past `lo..pos` on tensor cores, and their merge with the own position
-/// (V rotated back).
+/// step's K/V stored and kept at full precision in the stores' domains), flash-decoding
+/// partials over the past on tensor cores, and their merge with the positions the stores keep
+/// as sink rows and the own position (V rotated back, its mean added).
 fn decode(
     dev: &CudaDevice,
     cache: &mut LayerCache,
@@ -366,8 +446,8 @@ fn decode(
     let mut own_k = scratch(dev, n_kv * hd)?;
     let mut own_v = scratch(dev, n_kv * hd)?;
     let mut q_prep = scratch(dev, n_head * hd)?;
-    let (krb, vrb) = (cache.k.row_bytes as i32, cache.v.row_bytes as i32);
     let cap = cache.k.capacity as i64;
+    let null = 0u64;
     let (qi, ki, vi) = (Input::of(q)?, Input::of(k)?, Input::of(v)?);
     let freqs = rope.map(|r| Input::of(r.inv_freq)).transpose()?;
     {
@@ -388,7 +468,6 @@ fn decode(
         let mut b = stream.launch_builder(&f);
         let (qv, kv, vv) = (qi.view()?, ki.view()?, vi.view()?);
         let fv = freqs.as_ref().map(|f| f.view()).transpose()?;
-        let null = 0u64;
         let (neox, pos_i) = (rope.is_some_and(|r| r.neox) as i32, step.pos as i32);
         let (nh, nkv, d_i) = (n_head as i32, n_kv as i32, hd as i32);
         b.arg(&qv).arg(&kv).arg(&vv);
@@ -403,9 +482,11 @@ fn decode(
             .arg(&nh)
             .arg(&nkv)
             .arg(&d_i)
-            .arg(&cap);
-        kr.push_store_args(&mut b, &mut own_k, &krb);
-        vr.push_store_args(&mut b, &mut own_v, &vrb);
+            .arg(&cap)
+            .arg(&mut own_k)
+            .arg(&mut own_v);
+        kr.push_mut(&mut b, &null);
+        vr.push_mut(&mut b, &null);
         let blocks = (n_head + 2 * n_kv) as u32;
         // SAFETY: argument types and order match `kv_step`; the stores hold n_kv · capacity
         // rows, q_prep n_head · hd values, own_k/own_v n_kv · hd.
@@ -413,7 +494,14 @@ fn decode(
     }
     drop((qi, ki, vi, freqs));
     let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
-    let n = step.pos - step.lo;
+    // Positions below either store's sink count go to the merge, the rest to the partials.
+    let x_hi = step
+        .pos
+        .min(kr.layout.n_sink.max(vr.layout.n_sink) as usize)
+        .max(step.lo);
+    let first = x_hi;
+    let n = step.pos - first;
+    let (krb, vrb) = (kr.layout.row_bytes, vr.layout.row_bytes);
     let (split, stage_bytes) = decode_split(krb as usize, vrb as usize);
     let slots = n.div_ceil(split);
     let mut part_max = scratch(dev, n_kv * slots * group)?;
@@ -421,28 +509,22 @@ fn decode(
     let mut part_acc = scratch(dev, n_kv * slots * group * hd)?;
     let (nq, d_i) = (group as i32, hd as i32);
     if slots > 0 {
-        // One instance per head dim and K/V codec pair (kv.cu); `layer_on_gpu` keeps other head
-        // dims and GQA groups over 8 (kv.cu's MAX_Q) in host memory.
-        let (kc, vc) = (kr.codec as usize, vr.codec as usize);
-        let partial = format!(
-            "kv_attn_partial_{hd}_{}_{}",
-            GPU_TYPES[kc].name(),
-            GPU_TYPES[vc].name()
-        );
-        let module = format!("dhurandhar_decode_{}", GPU_TYPES[kc].name());
-        let f = gpu::func(dev, &module, DECODE_PTX[kc], &partial)?;
+        // One instance per head dim and K/V codec pair, one module per K codec (decode.cu);
+        // `layer_on_gpu` keeps other head dims and GQA groups over 8 (MAX_Q) in host memory.
+        let (kc, vc) = (kr.layout.codec as usize, vr.layout.codec as usize);
+        let f = partial_func(dev, kc, vc, hd)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let (first, n_i, split_i) = (step.lo as i32, n as i32, split as i32);
+        let (first_i, n_i, split_i) = (first as i32, n as i32, split as i32);
         b.arg(&q_prep)
             .arg(&kr.rows)
             .arg(&vr.rows)
             .arg(&krb)
             .arg(&vrb)
-            .arg(&kr.centroids)
-            .arg(&vr.centroids)
+            .arg(&kr.layout.centroids)
+            .arg(&vr.layout.centroids)
             .arg(&cap)
-            .arg(&first)
+            .arg(&first_i)
             .arg(&n_i)
             .arg(&mut part_max)
             .arg(&mut part_sum)
@@ -462,7 +544,7 @@ fn decode(
     let f = func(dev, "kv_attn_merge")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (slots_i, inverse) = (slots as i32, vr.rotates as i32);
+    let (slots_i, x_lo, x_hi) = (slots as i32, step.lo as i32, x_hi as i32);
     b.arg(&part_max)
         .arg(&part_sum)
         .arg(&part_acc)
@@ -473,7 +555,11 @@ fn decode(
         .arg(&nq)
         .arg(&d_i)
         .arg(&slots_i)
-        .arg(&inverse);
+        .arg(&cap)
+        .arg(&x_lo)
+        .arg(&x_hi);
+    kr.push(&mut b, &null);
+    vr.push(&mut b, &null);
     // Threads in d-wide phases, each summing every phases-th slot: at 32K positions f16 has
     // ~340 slots a head.
     let cfg = LaunchConfig {
@@ -483,7 +569,7 @@ fn decode(
     };
     // SAFETY: as above, for `kv_attn_merge`; its dynamic shared memory holds one weight per
     // slot (within MAX_DYNAMIC_SHARED: 16384 slots, ≥ 1.5M positions); 1024 threads cover a
-    // head (≤ 256 values).
+    // head (≤ 256 values); x_hi − x_lo ≤ SINK_ROWS (kv.cu's MAX_SINK).
     unsafe { b.launch(cfg) }?;
     Ok(tensor(dev, out, &[1, n_head * hd]))
 }

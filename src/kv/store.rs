@@ -103,20 +103,32 @@ impl RowStore {
         }
     }
 
-    /// A store whose rows live in GPU memory (plain rows: no centering, no sink rows).
+    /// A store whose rows live in GPU memory, centered like a host store when given `mean`
+    /// (and channel weights `scale`): sink rows come with centering.
     #[cfg(feature = "cuda")]
     pub fn on_gpu(
         dev: &candle_core::cuda_backend::CudaDevice,
         ty: CacheType,
-        n_kv_head: usize,
-        head_dim: usize,
-        capacity: usize,
+        (n_kv_head, head_dim, capacity): (usize, usize, usize),
+        mean: Option<Vec<f32>>,
+        scale: Option<Vec<f32>>,
     ) -> Result<Self> {
-        let mut s = Self::new(ty, n_kv_head, head_dim, 0, None, None);
+        let sink = if mean.is_some() {
+            SINK_ROWS.min(capacity)
+        } else {
+            0
+        };
+        let centering = super::device::Centering {
+            mean: mean.as_deref(),
+            scale: scale.as_deref(),
+            sink,
+        };
+        let rows =
+            super::device::DeviceRows::new(dev, ty, (n_kv_head, head_dim, capacity), &centering)?;
+        let mut s = Self::new(ty, n_kv_head, head_dim, 0, mean, None).scaled(scale);
         s.capacity = capacity;
-        s.gpu = Some(super::device::DeviceRows::new(
-            dev, ty, n_kv_head, head_dim, capacity,
-        )?);
+        s.sink = sink;
+        s.gpu = Some(rows);
         Ok(s)
     }
 
@@ -163,7 +175,7 @@ impl RowStore {
     /// Bytes the rows occupy (the theoretical size: ring rows plus f16 sink rows; the
     /// allocation rounds up to 8 bytes at most).
     pub fn bytes(&self) -> usize {
-        self.n_kv_head * self.capacity * self.row_bytes + 2 * self.sink_rows.len()
+        self.n_kv_head * (self.capacity * self.row_bytes + 2 * self.sink * self.head_dim)
     }
 
     /// The rows of positions `range` for one head, as runs of consecutive rows with the codec
@@ -252,6 +264,20 @@ impl RowStore {
                 }
             }
         }
+    }
+
+    /// Positions `range` of every head as values `[n_kv_head, range.len(), head_dim]`, as
+    /// [`read_rows`](Self::read_rows) gives them (a GPU store's read back from the device).
+    pub fn values(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        #[cfg(feature = "cuda")]
+        if let Some(rows) = &self.gpu {
+            return rows.values((self.n_kv_head, self.head_dim), self.capacity, range);
+        }
+        let mut out = Vec::with_capacity(self.n_kv_head * range.len() * self.head_dim);
+        for h in 0..self.n_kv_head {
+            self.read_rows(h, range.clone(), |row| out.extend_from_slice(row));
+        }
+        Ok(out)
     }
 
     pub fn write(&mut self, head: usize, pos: usize, values: &[f32]) {
@@ -400,14 +426,42 @@ impl KvCache {
                     0
                 };
                 let (tk, tv) = policy.layers[il];
+                // What a store of `ty` centers on: the calibration's means where the codec
+                // rotates (always for SpectralQuant, its basis fitted to centered rows), K's
+                // channel weights (InnerQ) where it centers, except SpectralQuant's; and its
+                // spectra.
+                let centering = |ty: CacheType, k: bool| {
+                    let codec = ty.codec();
+                    let center = |c: &&KvCalibration| {
+                        codec.rotates() && (c.center || codec.needs_spectrum())
+                    };
+                    let mean = calib
+                        .filter(center)
+                        .map(|c| if k { &c.k_mean } else { &c.v_mean }[il].clone());
+                    let scale = calib
+                        .filter(|c| k && center(c) && !codec.needs_spectrum())
+                        .and_then(|c| c.k_scale.get(il))
+                        .filter(|s| !s.is_empty())
+                        .cloned();
+                    let spectra = calib
+                        .filter(|_| codec.needs_spectrum())
+                        .and_then(|c| if k { &c.k_spectra } else { &c.v_spectra }.get(il))
+                        .map(|s| s.as_slice());
+                    (mean, scale, spectra)
+                };
                 #[cfg(feature = "cuda")]
                 if let candle_core::Device::Cuda(dev) = device
                     && layer_in_device_memory(device, arch, il, tk, tv)
                 {
-                    let store = |ty| RowStore::on_gpu(dev, ty, g.n_kv_head, g.head_dim, rows);
+                    super::device::load_kernels(dev, tk, tv, g.head_dim)?;
+                    let store = |ty, k| {
+                        let (mean, scale, _) = centering(ty, k);
+                        let shape = (g.n_kv_head, g.head_dim, rows);
+                        RowStore::on_gpu(dev, ty, shape, mean, scale)
+                    };
                     return Ok(LayerCache {
-                        k: store(tk)?,
-                        v: store(tv)?,
+                        k: store(tk, true)?,
+                        v: store(tv, false)?,
                         head_dim: g.head_dim,
                         sliding_window: g.sliding_window,
                         query_energy: None,
@@ -416,25 +470,7 @@ impl KvCache {
                 #[cfg(not(feature = "cuda"))]
                 let _ = device;
                 let store = |ty: CacheType, k: bool| {
-                    let codec = ty.codec();
-                    let center = |c: &&KvCalibration| {
-                        codec.rotates() && (c.center || codec.needs_spectrum())
-                    };
-                    let mean = calib
-                        .filter(center)
-                        .map(|c| if k { &c.k_mean } else { &c.v_mean }[il].clone());
-                    let spectra = calib
-                        .filter(|_| codec.needs_spectrum())
-                        .and_then(|c| if k { &c.k_spectra } else { &c.v_spectra }.get(il))
-                        .map(|s| s.as_slice());
-                    // K rows scaled per channel by the calibration's weights (InnerQ):
-                    // rotation codecs that center, except SpectralQuant whose basis is fitted
-                    // to the unscaled rows.
-                    let scale = calib
-                        .filter(|c| k && center(c) && !codec.needs_spectrum())
-                        .and_then(|c| c.k_scale.get(il))
-                        .filter(|s| !s.is_empty())
-                        .cloned();
+                    let (mean, scale, spectra) = centering(ty, k);
                     RowStore::new(ty, g.n_kv_head, g.head_dim, rows, mean, spectra).scaled(scale)
                 };
                 Ok(LayerCache {

@@ -80,10 +80,10 @@ fn flash(
         let past = if a < pos {
             let n = b.min(pos) - a;
             let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
-            let (krb, vrb, cap) = (cache.k.row_bytes, cache.v.row_bytes, cache.k.capacity);
+            let cap = cache.k.capacity;
             Some((
-                dequant(dev, kr, (n_kv, hd), krb, cap, a, n)?,
-                dequant(dev, vr, (n_kv, hd), vrb, cap, a, n)?,
+                dequant(dev, kr, (n_kv, hd), cap, a, n)?,
+                dequant(dev, vr, (n_kv, hd), cap, a, n)?,
             ))
         } else {
             None
@@ -187,8 +187,7 @@ fn matmuls(
         if a < pos {
             let rows = gpu_rows(store)?;
             let n = b.min(pos) - a;
-            let (rb, cap) = (store.row_bytes, store.capacity);
-            parts.push(dequant(dev, rows, (n_kv, hd), rb, cap, a, n)?);
+            parts.push(dequant(dev, rows, (n_kv, hd), store.capacity, a, n)?);
         }
         if b > pos {
             let s = a.max(pos);
