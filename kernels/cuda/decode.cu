@@ -177,10 +177,7 @@ struct VLane {
 struct DecodeShared {
     float kcb[16], vcb[16];
     float p[DEC_SPLIT * MAX_Q];  // [row][query]: scores, then weights
-    union {
-        float q[MAX_Q * MAX_AD];    // the queries, until they are in registers
-        float acc[MAX_Q * MAX_AD];  // then the warps' V sums
-    };
+    float q[MAX_Q * MAX_AD];  // the queries, until they are in registers
 };
 
 // Flash-decoding partials on tensor cores, one block per (KV head, slice of `split` past
@@ -236,7 +233,6 @@ __device__ __forceinline__ void attn_partial(
     }
     asm volatile("cp.async.wait_group 1;\n" ::);
     __syncthreads();
-    for (int i = tid; i < MAX_Q * D; i += blockDim.x) sh.acc[i] = 0.f;
     // Scores: a warp per 16-row tile; lanes hold rows g, g + 8 and queries 2t, 2t + 1.
     for (int r0 = 16 * warp; r0 < len; r0 += 16 * DEC_WARPS) {
         float s[4] = {0.f, 0.f, 0.f, 0.f};
@@ -351,7 +347,10 @@ __device__ __forceinline__ void attn_partial(
             }
         }
     }
-    // Warps add their tiles in shared memory, in natural dimension order.
+    // Warps put their tiles in natural dimension order into the staging area (its rows are
+    // read), then they are added in warp order: the same sums every run, no atomics.
+    __syncthreads();
+    float* tiles = reinterpret_cast<float*>(stage);  // [DEC_WARPS][n_q][D]
 #pragma unroll
     for (int mt = 0; mt < D / 16; mt++)
 #pragma unroll
@@ -362,16 +361,22 @@ __device__ __forceinline__ void attn_partial(
                 dim = 16 * mt + g + 8 * hi;
             else
                 dim = (mt / MT) * VGW + VLane<VC, VGW>::dim(mt % MT, g, hi);
-            if (qi < n_q) atomicAdd(sh.acc + qi * D + dim, o[mt][e]);
+            if (qi < n_q) tiles[(warp * n_q + qi) * D + dim] = o[mt][e];
         }
     __syncthreads();
     const size_t slot = (size_t)kvh * slots + part;
-    for (int i = tid; i < n_q * D; i += blockDim.x) part_acc[slot * n_q * D + i] = sh.acc[i];
+    for (int i = tid; i < n_q * D; i += blockDim.x) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) sum += tiles[w * n_q * D + i];
+        part_acc[slot * n_q * D + i] = sum;
+    }
 }
 
 // One instance per (head dim, K codec, V codec): the row decoding is straight-line code and the
 // fragments stay in registers. Dynamic shared memory: the staged slice,
-// staged_size(split, k_rb) + staged_size(split, v_rb) bytes.
+// staged_size(split, k_rb) + staged_size(split, v_rb) bytes, and at least the warps' V tiles
+// (DEC_WARPS · n_q · D floats).
 #define ATTN_PARTIAL_(D, KN, KC, VN, VC)                                                       \
     extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                               \
         kv_attn_partial_##D##_##KN##_##VN(                                                     \

@@ -56,12 +56,14 @@ fn staged_size(len: usize, rb: usize) -> usize {
     }
 }
 
-/// Rows per decode slice (a multiple of the kernel's 16-row tiles) for a K/V row-size pair, and
-/// the shared bytes its staging takes.
-fn decode_split(k_rb: usize, v_rb: usize) -> (usize, usize) {
+/// Rows per decode slice (a multiple of the kernel's 16-row tiles) for a K/V row-size pair at
+/// head dim `hd`, and the dynamic shared bytes the kernel takes: the staged rows, which the
+/// warps' V tiles (4 warps × 8 queries × hd floats) reuse once read.
+fn decode_split(k_rb: usize, v_rb: usize, hd: usize) -> (usize, usize) {
     let stride = |rb: usize| if rb.is_multiple_of(16) { rb + 16 } else { rb };
     let rows = ((STAGE_BYTES - 128) / (stride(k_rb) + stride(v_rb))).clamp(16, SPLIT) / 16 * 16;
-    (rows, staged_size(rows, k_rb) + staged_size(rows, v_rb))
+    let tiles = DECODE_THREADS as usize / 32 * 8 * hd * 4;
+    (rows, (staged_size(rows, k_rb) + staged_size(rows, v_rb)).max(tiles))
 }
 /// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
 fn codec_id(ty: CacheType) -> Option<i32> {
@@ -502,7 +504,7 @@ fn decode(
     let first = x_hi;
     let n = step.pos - first;
     let (krb, vrb) = (kr.layout.row_bytes, vr.layout.row_bytes);
-    let (split, stage_bytes) = decode_split(krb as usize, vrb as usize);
+    let (split, stage_bytes) = decode_split(krb as usize, vrb as usize, hd);
     let slots = n.div_ceil(split);
     let mut part_max = scratch(dev, n_kv * slots * group)?;
     let mut part_sum = scratch(dev, n_kv * slots * group)?;
