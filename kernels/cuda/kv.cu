@@ -373,16 +373,23 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
     const int kvh = blockIdx.x, qi = blockIdx.y, tid = threadIdx.x, n_x = x_hi - x_lo;
     const size_t base = (size_t)kvh * slots;
     const float* qr = q + ((size_t)kvh * n_q + qi) * d;
-    float own = 0.f;
-    for (int v = tid; v < d; v += blockDim.x) own += qr[v] * own_k[(size_t)kvh * d + v];
-    own = block_reduce(own, red, false);
+    // Scores of positions x_lo.. (warp j) and of the own position (warp n_x), a warp each.
+    __shared__ float exact[MAX_SINK + 1];
+    const int warp = tid >> 5, lane = tid & 31;
+    if (warp <= n_x) {
+        float x = 0.f;
+        for (int v = lane; v < d; v += 32)
+            x += qr[v] * (warp < n_x ? stored_value(ks, kvh, x_lo + warp, capacity, v, d)
+                                     : own_k[(size_t)kvh * d + v]);
+        for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffff, x, off);
+        if (lane == 0) exact[warp] = x;
+    }
+    __syncthreads();
+    const float own = exact[n_x];
     float x_score[MAX_SINK];
     float m = own;
     for (int j = 0; j < n_x; j++) {
-        float x = 0.f;
-        for (int v = tid; v < d; v += blockDim.x)
-            x += qr[v] * stored_value(ks, kvh, x_lo + j, capacity, v, d);
-        x_score[j] = block_reduce(x, red, false);
+        x_score[j] = exact[j];
         m = fmaxf(m, x_score[j]);
     }
     for (int s = tid; s < slots; s += blockDim.x) m = fmaxf(m, part_max[(base + s) * n_q + qi]);

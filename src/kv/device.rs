@@ -63,7 +63,10 @@ fn decode_split(k_rb: usize, v_rb: usize, hd: usize) -> (usize, usize) {
     let stride = |rb: usize| if rb.is_multiple_of(16) { rb + 16 } else { rb };
     let rows = ((STAGE_BYTES - 128) / (stride(k_rb) + stride(v_rb))).clamp(16, SPLIT) / 16 * 16;
     let tiles = DECODE_THREADS as usize / 32 * 8 * hd * 4;
-    (rows, (staged_size(rows, k_rb) + staged_size(rows, v_rb)).max(tiles))
+    (
+        rows,
+        (staged_size(rows, k_rb) + staged_size(rows, v_rb)).max(tiles),
+    )
 }
 /// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
 fn codec_id(ty: CacheType) -> Option<i32> {
