@@ -106,8 +106,8 @@ struct PlanArgs {
     /// Plan for plain TurboQuant rows (no f16 sink rows).
     #[arg(long)]
     no_kv_centering: bool,
-    /// Plan the KV cache as a GPU run keeps it (`-ngl 99`: layers with GPU kernels store
-    /// plain rows, like `--no-kv-centering`).
+    /// Accepted as a GPU run's command line has it (checked against the layer count); GPU
+    /// stores take the bytes host stores do.
     #[arg(long = "n-gpu-layers")]
     n_gpu_layers: Option<usize>,
     /// Leave the audio encoder out.
@@ -545,7 +545,6 @@ fn plan(a: &PlanArgs) -> Result<()> {
             cache_v: a.cache_type_v,
             kv_layer_policy: a.kv_layer_policy.clone(),
             kv_centering: !a.no_kv_centering,
-            gpu_kv: a.n_gpu_layers.is_some_and(|n| n > 0),
             strip_audio: a.strip_audio,
             ubatch: dhurandhar::engine::UBATCH,
         },

@@ -19,7 +19,6 @@ fn request(n: usize, k: CacheType, v: CacheType, policy: Option<&str>) -> PlanRe
         cache_v: v,
         kv_layer_policy: policy.map(str::to_string),
         kv_centering: true,
-        gpu_kv: false,
         strip_audio: false,
         ubatch: 512,
     }
@@ -68,37 +67,6 @@ fn plan_kv_equals_what_the_engine_allocates() {
             );
         }
     }
-}
-
-/// `plan -ngl 99`: layers whose cache the GPU holds store plain rows (no sink rows), the rest
-/// (types without kernels, shared-KV architectures) what the host store keeps.
-#[test]
-fn plan_for_the_gpu_counts_plain_rows_where_kernels_exist() {
-    let kv = |path: &std::path::Path, k, v, centering, gpu_kv| {
-        let m = profile::resolve(path.to_str().unwrap()).unwrap();
-        let req = PlanRequest {
-            kv_centering: centering,
-            gpu_kv,
-            ..request(8192, k, v, None)
-        };
-        breakdown(&m, &req).unwrap().kv_bytes
-    };
-    let (t4, q8) = (CacheType::Turbo4, CacheType::Q8_0);
-    let smol = common::smollm2();
-    assert_eq!(
-        kv(&smol, t4, t4, true, true),
-        kv(&smol, t4, t4, false, false)
-    );
-    assert!(kv(&smol, t4, t4, true, true) < kv(&smol, t4, t4, true, false));
-    assert_eq!(
-        kv(&smol, q8, t4, true, true),
-        kv(&smol, q8, t4, true, false)
-    );
-    let gemma4 = common::fixture("gemma4");
-    assert_eq!(
-        kv(&gemma4, t4, t4, true, true),
-        kv(&gemma4, t4, t4, true, false)
-    );
 }
 
 #[test]
@@ -201,7 +169,8 @@ fn select_steps_down_as_memory_shrinks() {
             .unwrap()
             .contains("nothing fits")
     );
-    // For a GPU run only types with GPU kernels count: turbo3 is the last rung there.
+    // For a GPU run only types with GPU kernels count; turbo2 has them, so it is the last rung
+    // there too.
     let gpu = [
         "-m",
         "llama-3.2-3b",
@@ -216,7 +185,7 @@ fn select_steps_down_as_memory_shrinks() {
     assert_eq!(none_gpu["fits"], false);
     assert_eq!(
         (none_gpu["type_k"].as_str(), none_gpu["type_v"].as_str()),
-        (Some("turbo3"), Some("turbo3"))
+        (Some("turbo2"), Some("turbo2"))
     );
     assert!(none_gpu["flags"].as_str().unwrap().ends_with("-ngl 99"));
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::profile::PlanModel;
-use crate::kv::store::{layer_on_gpu, store_bytes};
+use crate::kv::store::store_bytes;
 use crate::kv::{CacheType, KvPolicy};
 
 /// What `plan` is asked.
@@ -17,11 +17,9 @@ pub struct PlanRequest {
     pub cache_k: CacheType,
     pub cache_v: CacheType,
     pub kv_layer_policy: Option<String>,
-    /// Rotation codecs store centered rows and 4 f16 sink rows (the engine's default).
+    /// Rotation codecs store centered rows and 4 f16 sink rows (the engine's default, on the
+    /// host and on a GPU alike).
     pub kv_centering: bool,
-    /// The model runs on a GPU: layers whose cache lives there store plain rows
-    /// ([`layer_on_gpu`]).
-    pub gpu_kv: bool,
     pub strip_audio: bool,
     /// Tokens per prefill pass (activation peak).
     pub ubatch: usize,
@@ -75,9 +73,8 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
         }
         let rows = a.kv_rows(il, req.context_tokens);
         let (tk, tv) = policy.layers[il];
-        let centered = req.kv_centering && !(req.gpu_kv && layer_on_gpu(a, il, tk, tv));
         for ty in [tk, tv] {
-            kv_bytes += store_bytes(ty, l.n_kv_head, l.head_dim, rows, centered) as u64;
+            kv_bytes += store_bytes(ty, l.n_kv_head, l.head_dim, rows, req.kv_centering) as u64;
         }
     }
     let ub = req.ubatch.min(req.context_tokens).max(1) as u64;

@@ -70,7 +70,6 @@ pub fn select(
                 cache_v: v,
                 kv_layer_policy: None,
                 kv_centering: true,
-                gpu_kv: on_gpu,
                 strip_audio: false,
                 ubatch: crate::engine::UBATCH,
             },
