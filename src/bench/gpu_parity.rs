@@ -1,7 +1,7 @@
 //! `dh-server cuda-check --model M`: the same tokens through a model on the CPU and on the GPU,
 //! prefill (two chunks, so the second attends over a stored past) then greedy decode steps,
-//! comparing logits at every position. The CPU runs plain TurboQuant rows
-//! (`--no-kv-centering`), which is what the GPU store holds.
+//! comparing logits at every position; plain TurboQuant rows on both (`--no-kv-centering`), or
+//! with `--centered` both stores centered on the CPU engine's calibration.
 
 use std::path::Path;
 

@@ -117,7 +117,6 @@ impl Layout {
 
 /// How a store centers its rows (the CPU store's refinements): per-head mean and channel
 /// weights (`n_kv_head × head_dim` each), and how many leading positions it keeps as sink rows.
-#[derive(Default)]
 pub struct Centering<'a> {
     pub mean: Option<&'a [f32]>,
     pub scale: Option<&'a [f32]>,

@@ -347,8 +347,8 @@ pub const GPU_TYPES: [CacheType; 6] = [
 
 /// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
 /// kernels, no layer shares another's K/V (those attend on the host), head_dim is one the
-/// kernels read (d/8 lanes a row, a power of two) and the GQA group fits (≤ 8 queries).
-/// Such stores hold plain rows: no calibrated centering, no sink rows.
+/// kernels read (64, 128 or 256) and the GQA group fits (≤ 8 queries). Such stores center
+/// and keep sink rows as host stores do.
 pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
     let g = &arch.layers[il];
     let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
