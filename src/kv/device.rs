@@ -69,8 +69,11 @@ fn decode_split(k_rb: usize, v_rb: usize, hd: usize) -> (usize, usize) {
     )
 }
 /// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
-fn codec_id(ty: CacheType) -> Option<i32> {
-    GPU_TYPES.iter().position(|&t| t == ty).map(|i| i as i32)
+fn codec_id(ty: CacheType) -> Result<usize> {
+    GPU_TYPES
+        .iter()
+        .position(|&t| t == ty)
+        .with_context(|| format!("no CUDA kernels for cache type {ty}"))
 }
 
 /// One of K or V of one layer in GPU memory (kv.cu's `Store`).
@@ -130,7 +133,7 @@ impl DeviceRows {
         (n_kv_head, head_dim, capacity): (usize, usize, usize),
         centering: &Centering,
     ) -> Result<Self> {
-        let codec = codec_id(ty).with_context(|| format!("no CUDA kernels for cache type {ty}"))?;
+        let codec = codec_id(ty)? as i32;
         let row_bytes = ty.codec().bytes_per_row(head_dim);
         let bytes = n_kv_head * capacity * row_bytes;
         // 16 bytes of slack: the decode kernel copies rows in aligned 16-byte pieces.
@@ -231,12 +234,7 @@ fn partial_func(dev: &CudaDevice, kc: usize, vc: usize, hd: usize) -> Result<Cud
 /// Loads (JIT-compiles, the first time) the kernels a layer with these cache types runs, so
 /// that the first decode step of a timed run does not pay for it.
 pub fn load_kernels(dev: &CudaDevice, k: CacheType, v: CacheType, head_dim: usize) -> Result<()> {
-    let id = |t| {
-        codec_id(t)
-            .map(|c| c as usize)
-            .with_context(|| format!("no CUDA kernels for cache type {t}"))
-    };
-    partial_func(dev, id(k)?, id(v)?, head_dim)?;
+    partial_func(dev, codec_id(k)?, codec_id(v)?, head_dim)?;
     func(dev, "kv_step")?;
     Ok(())
 }

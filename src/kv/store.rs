@@ -18,6 +18,12 @@ pub const MAX_HEAD_DIM: usize = 512;
 
 /// Bytes one layer's K or V store takes: `rows` rows per KV head in `ty`, plus f16 sink rows
 /// when rows are centered (rotation codecs with calibration). What [`RowStore::bytes`] reports.
+/// Sink rows a store of `capacity` rows keeps: they come with centering (both are off for the
+/// fork's plain TurboQuant).
+fn sink_count(centered: bool, capacity: usize) -> usize {
+    if centered { SINK_ROWS.min(capacity) } else { 0 }
+}
+
 pub fn store_bytes(
     ty: CacheType,
     n_kv_head: usize,
@@ -25,11 +31,7 @@ pub fn store_bytes(
     rows: usize,
     centered: bool,
 ) -> usize {
-    let sink = if centered && ty.codec().rotates() {
-        SINK_ROWS.min(rows)
-    } else {
-        0
-    };
+    let sink = sink_count(centered && ty.codec().rotates(), rows);
     n_kv_head * rows * ty.codec().bytes_per_row(head_dim) + 2 * n_kv_head * sink * head_dim
 }
 
@@ -80,12 +82,7 @@ impl RowStore {
             })
             .collect();
         let bytes = n_kv_head * capacity * row_bytes;
-        // Sinks come with centering: both are off for the fork's plain TurboQuant.
-        let sink = if mean.is_some() {
-            SINK_ROWS.min(capacity)
-        } else {
-            0
-        };
+        let sink = sink_count(mean.is_some(), capacity);
         Self {
             ty,
             codecs,
@@ -113,11 +110,7 @@ impl RowStore {
         mean: Option<Vec<f32>>,
         scale: Option<Vec<f32>>,
     ) -> Result<Self> {
-        let sink = if mean.is_some() {
-            SINK_ROWS.min(capacity)
-        } else {
-            0
-        };
+        let sink = sink_count(mean.is_some(), capacity);
         let centering = super::device::Centering {
             mean: mean.as_deref(),
             scale: scale.as_deref(),
