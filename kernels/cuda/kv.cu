@@ -202,6 +202,13 @@ struct Store {
     const float *mean, *cscale;
     uint8_t* sinks;
     int n_sink;
+    // Where head h's value v at sink position p, and its ring row for position p, live.
+    __device__ __forceinline__ uint8_t* sink_at(int h, long long p, int v, int d) const {
+        return sinks + 2 * (((size_t)h * n_sink + p) * d + v);
+    }
+    __device__ __forceinline__ uint8_t* ring_row(int h, long long p, long long capacity) const {
+        return rows + ((size_t)h * capacity + (size_t)(p % capacity)) * rb;
+    }
 };
 #define STORE_PARAMS(p)                                                                    \
     uint8_t *p##_rows, uint8_t *p##_sinks, int p##_codec, int p##_rb, const float *p##_cb,   \
@@ -228,21 +235,19 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
         __syncthreads();
         if (is_turbo(st.codec)) wht_shared(s, d, false);
         if (i < d) {
-            put_half(st.sinks + 2 * (((size_t)h * st.n_sink + p) * d + i), s[i]);
+            put_half(st.sink_at(h, p, i, d), s[i]);
             if (own) own[i] = s[i];
         }
         return;
     }
-    uint8_t* row = st.rows + ((size_t)h * capacity + (size_t)(p % capacity)) * st.rb;
-    store_row(val, row, own, st.codec, d, st.cb, st.mids, st.n_mids);
+    store_row(val, st.ring_row(h, p, capacity), own, st.codec, d, st.cb, st.mids, st.n_mids);
 }
 
 // Value v of head h's row for position p in the store's domain: its sink row or ring row.
 __device__ __forceinline__ float stored_value(const Store& st, int h, long long p,
                                               long long capacity, int v, int d) {
-    if (p < st.n_sink) return half_at(st.sinks + 2 * (((size_t)h * st.n_sink + p) * d + v));
-    const uint8_t* row = st.rows + ((size_t)h * capacity + (size_t)(p % capacity)) * st.rb;
-    return value_at(st.codec, row, v, d, st.cb);
+    if (p < st.n_sink) return half_at(st.sink_at(h, p, v, d));
+    return value_at(st.codec, st.ring_row(h, p, capacity), v, d, st.cb);
 }
 
 // Stores rows x [t, n_kv, d] at positions pos..pos+t (put_row); with `own` non-null also
