@@ -22,8 +22,8 @@ pub struct ParityReport {
     pub cache_type_v: String,
     pub centered: bool,
     /// Centered: max |gpu − cpu| of the two engines' own calibrations (K means, V means, K
-    /// channel weights); the GPU then runs on the CPU's.
-    pub calibration_max_abs: Option<[f32; 3]>,
+    /// channel weights, K centres); the GPU then runs on the CPU's.
+    pub calibration_max_abs: Option<[f32; 4]>,
     pub gpu_layers: usize,
     pub prompt: usize,
     pub steps: usize,
@@ -90,6 +90,7 @@ pub fn check(
                 most(&c.k_mean, &g.k_mean),
                 most(&c.v_mean, &g.v_mean),
                 most(&c.k_scale, &g.k_scale),
+                most(&c.k_center, &g.k_center),
             ])
         }
         _ => None,
@@ -196,6 +197,7 @@ pub fn check_layer(
             v_spectra: Vec::new(),
             center: true,
             k_scale: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(x / 2.0)).collect()),
+            k_center: Vec::new(),
         }
     });
     let calib = calib.as_ref();
@@ -322,7 +324,7 @@ pub fn time_decode(
         v: store()?,
         head_dim: hd,
         sliding_window: None,
-        query_energy: None,
+        query_moments: None,
     };
     let n_head = n_kv * group;
     let scale = 1.0 / (hd as f32).sqrt();

@@ -13,9 +13,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::chat::ChatTemplate;
-use crate::kv::calibration::{self, CALIBRATION_TEXT, KvCalibration};
+use crate::kv::calibration::{self, CALIBRATION_TEXT, KvCalibration, QueryMoments};
 use crate::kv::{CacheType, KvCache, KvPolicy};
-use crate::model::layers::Source;
+use crate::model::layers::{Rope, Source};
 use crate::model::{Logits, Model};
 use crate::tokenizer::Tok;
 pub use device::DeviceChoice;
@@ -218,14 +218,15 @@ impl Engine {
         };
         let policy = KvPolicy::uniform(arch.n_layer, ty, ty);
         let mut cache = KvCache::new(arch, &policy, tokens.len(), None, &self.model.device)?;
-        // Query energies for K's channel weights (`DH_KV_CHANNEL_SCALE=0`: none, to compare).
-        if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() != Ok("0") {
-            for l in &mut cache.layers {
-                l.query_energy = Some((vec![0.0; l.k.n_kv_head * l.head_dim], 0));
-            }
+        for (il, l) in cache.layers.iter_mut().enumerate() {
+            l.query_moments = Some(QueryMoments::new(Rope::for_layer(arch, il), l.k.n_kv_head));
         }
         self.prefill(&mut cache, &tokens)?;
-        let calib = KvCalibration::from_cache(&cache, spectra)?;
+        let mut calib = KvCalibration::from_cache(&cache, spectra, self.n_ctx)?;
+        // `DH_KV_CHANNEL_SCALE=0`: K centered but not weighted, to compare.
+        if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() == Ok("0") {
+            calib.k_scale.clear();
+        }
         eprintln!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
             if spectra { " and per-head spectra" } else { "" },

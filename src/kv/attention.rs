@@ -27,17 +27,8 @@ pub fn attention(
     scale: f32,
 ) -> Result<Vec<f32>> {
     let out = attend(cache, q, k, v, pos, n_head, scale)?;
-    if let Some((energy, count)) = cache.query_energy.as_mut() {
-        // Per KV head: the GQA group's queries pooled.
-        let (hd, n_kv) = (cache.head_dim, cache.k.n_kv_head);
-        let g = n_head / n_kv;
-        for (i, qh) in q.chunks_exact(hd).enumerate() {
-            let kvh = (i % n_head) / g;
-            for (e, x) in energy[kvh * hd..(kvh + 1) * hd].iter_mut().zip(qh) {
-                *e += (*x as f64) * (*x as f64);
-            }
-        }
-        *count += q.len() / (hd * n_kv);
+    if let Some(moments) = cache.query_moments.as_mut() {
+        moments.add_rotated(q, pos, n_head);
     }
     append(cache, k, v, pos);
     Ok(out)

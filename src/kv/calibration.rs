@@ -11,6 +11,14 @@
 //! ([`KvCalibration::k_scale`]). Scores are unchanged; the codec's error lands where queries
 //! look least.
 //!
+//! K's centre and weights are for the whole context the cache serves, not the calibration
+//! text's few hundred positions: RoPE turns each channel pair of a key by `θ·p`, so an offset
+//! or an uneven split of energy between a pair's two channels measured near position 0 points
+//! elsewhere thousands of positions on. The pass turns K rows and queries back to position 0
+//! and averages their moments over RoPE's angles at positions `0..n_ctx` in closed form
+//! ([`QueryMoments`]). Pairs that turn little keep their offset and their split; pairs that
+//! turn a lot lose the offset and share one weight.
+//!
 //! SpectralQuant also needs each head's covariance spectrum (eigenvalues and eigenvectors of
 //! the centered rows' covariance), measured on the same rows when a spectral type is in use.
 
@@ -23,6 +31,7 @@ use nalgebra::DMatrix;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::store::KvCache;
+use crate::model::layers::Rope;
 
 /// Original prose (written for this project) that the model reads to measure its K/V means.
 pub const CALIBRATION_TEXT: &str = "The harbour town woke slowly on the morning of the fair. \
@@ -46,21 +55,135 @@ Table 3 lists the results: 42 stalls, 1,250 visitors, and receipts of 18,400 eur
 on the previous year. def total(items): return sum(item.price for item in items) \
 Somewhere a dog barked, a door closed, and the first stars appeared over the sea.";
 
-/// One head's channel weights from its K rows `rows` [n, hd] and the queries' Σ q² per channel
-/// over `count` queries.
-fn k_channel_scales(rows: &[f32], q2: &[f64], count: usize) -> Vec<f32> {
-    let hd = q2.len();
-    let (mut sum, mut sq) = (vec![0f64; hd], vec![0f64; hd]);
-    for row in rows.chunks_exact(hd) {
-        for ((s, q), x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
-            *s += *x as f64;
-            *q += (*x as f64) * (*x as f64);
+/// Queries' second moments per (KV head, RoPE pair), turned back to position 0, and the layer's
+/// rotation: what K's centre and channel weights over a whole context are computed from. Kept
+/// by the calibration pass only.
+#[derive(Debug, Clone)]
+pub struct QueryMoments {
+    rope: Rope,
+    n_kv_head: usize,
+    /// Per (KV head, pair): Σ a², Σ b², Σ ab of the un-rotated queries.
+    sums: Vec<[f64; 3]>,
+    /// Queries per KV head so far.
+    count: usize,
+}
+
+/// A pair `(a, b)` at position `p` turned back by RoPE's angle `freq·p` (computed as the model
+/// computes it, in f32).
+fn unrotate(a: f32, b: f32, freq: f32, p: usize) -> (f64, f64) {
+    let (sin, cos) = ((p as f32 * freq) as f64).sin_cos();
+    let (a, b) = (a as f64, b as f64);
+    (a * cos + b * sin, b * cos - a * sin)
+}
+
+/// Means of cos(ωp) and sin(ωp) over the positions p = 0..n, in closed form:
+/// Σ e^{iωp} = e^{iω(n−1)/2} · sin(nω/2) / sin(ω/2).
+fn mean_phase(omega: f64, n: usize) -> (f64, f64) {
+    let half = 0.5 * omega;
+    if n <= 1 || half.sin().abs() < 1e-12 {
+        return (1.0, 0.0);
+    }
+    let amp = (n as f64 * half).sin() / (n as f64 * half.sin());
+    let phase = half * (n - 1) as f64;
+    (amp * phase.cos(), amp * phase.sin())
+}
+
+/// E y_a², E y_b² of a pair whose un-rotated moments are `m` = (E a², E b², E ab), RoPE-turned
+/// by `freq·p` with p spread evenly over `0..horizon`.
+fn turned_energy(m: [f64; 3], freq: f32, horizon: usize) -> [f64; 2] {
+    let (c2, s2) = mean_phase(2.0 * freq as f64, horizon);
+    let (t, d) = ((m[0] + m[1]) / 2.0, (m[0] - m[1]) / 2.0);
+    [t + d * c2 - m[2] * s2, t - d * c2 + m[2] * s2]
+}
+
+impl QueryMoments {
+    pub fn new(rope: Rope, n_kv_head: usize) -> Self {
+        let pairs = rope.inv_freq().len();
+        Self {
+            rope,
+            n_kv_head,
+            sums: vec![[0.0; 3]; n_kv_head * pairs],
+            count: 0,
         }
     }
-    let n = (rows.len() / hd).max(1) as f64;
-    let k2: Vec<f64> = (0..hd).map(|c| sq[c] / n - (sum[c] / n).powi(2)).collect();
-    let qe: Vec<f64> = q2.iter().map(|e| e / count as f64).collect();
-    channel_scales(&qe, &k2)
+
+    /// Adds queries `q` [t, n_head, head_dim] at positions `pos..pos + t`, already rotated (the
+    /// host attention's input).
+    pub fn add_rotated(&mut self, q: &[f32], pos: usize, n_head: usize) {
+        self.accumulate(q, n_head, Some(pos));
+    }
+
+    /// Adds queries `q` [t, n_head, head_dim] before RoPE (the GPU attention's input).
+    pub fn add(&mut self, q: &[f32], n_head: usize) {
+        self.accumulate(q, n_head, None);
+    }
+
+    fn accumulate(&mut self, q: &[f32], n_head: usize, pos: Option<usize>) {
+        let freqs = self.rope.inv_freq();
+        let pairs = freqs.len();
+        let hd = 2 * pairs;
+        let group = n_head / self.n_kv_head;
+        for (r, qh) in q.chunks_exact(hd).enumerate() {
+            let kvh = (r % n_head) / group;
+            for (i, &f) in freqs.iter().enumerate() {
+                let (a, b) = self.rope.pair(i);
+                let (x, y) = match pos {
+                    Some(p) => unrotate(qh[a], qh[b], f, p + r / n_head),
+                    None => (qh[a] as f64, qh[b] as f64),
+                };
+                let s = &mut self.sums[kvh * pairs + i];
+                s[0] += x * x;
+                s[1] += y * y;
+                s[2] += x * y;
+            }
+        }
+        self.count += q.len() / (hd * self.n_kv_head);
+    }
+
+    /// K's centre and channel weights for positions `0..horizon`, from the layer's K rows
+    /// `k_rows` [n_kv_head, n, head_dim] stored at positions `pos0..pos0 + n`: the centre is the
+    /// rows' mean as RoPE carries it over the context, the weights (empty before any query was
+    /// added) `(E q² / Var k)^¼` per channel over the same positions.
+    fn k_centering(&self, k_rows: &[f32], pos0: usize, horizon: usize) -> (Vec<f32>, Vec<f32>) {
+        let freqs = self.rope.inv_freq();
+        let pairs = freqs.len();
+        let hd = 2 * pairs;
+        let per_head = k_rows.len() / self.n_kv_head;
+        let n = (per_head / hd).max(1) as f64;
+        let mut centre = vec![0f32; self.n_kv_head * hd];
+        let mut scale = Vec::new();
+        for h in 0..self.n_kv_head {
+            // Per pair: Σ a, Σ b, Σ a², Σ b², Σ ab of the un-rotated rows.
+            let mut sums = vec![[0f64; 5]; pairs];
+            let rows = &k_rows[h * per_head..(h + 1) * per_head];
+            for (j, row) in rows.chunks_exact(hd).enumerate() {
+                for ((i, s), &f) in sums.iter_mut().enumerate().zip(freqs) {
+                    let (a, b) = self.rope.pair(i);
+                    let (x, y) = unrotate(row[a], row[b], f, pos0 + j);
+                    for (acc, v) in s.iter_mut().zip([x, y, x * x, y * y, x * y]) {
+                        *acc += v;
+                    }
+                }
+            }
+            let (mut k2, mut q2) = (vec![0f64; hd], vec![0f64; hd]);
+            for ((i, s), &f) in sums.iter().enumerate().zip(freqs) {
+                let (a, b) = self.rope.pair(i);
+                let (c1, s1) = mean_phase(f as f64, horizon);
+                let (ma, mb) = (s[0] / n, s[1] / n);
+                let (ca, cb) = (c1 * ma - s1 * mb, s1 * ma + c1 * mb);
+                centre[h * hd + a] = ca as f32;
+                centre[h * hd + b] = cb as f32;
+                let [ea, eb] = turned_energy([s[2] / n, s[3] / n, s[4] / n], f, horizon);
+                (k2[a], k2[b]) = (ea - ca * ca, eb - cb * cb);
+                let qm = self.sums[h * pairs + i].map(|x| x / self.count.max(1) as f64);
+                [q2[a], q2[b]] = turned_energy(qm, f, horizon);
+            }
+            if self.count > 0 {
+                scale.extend(channel_scales(&q2, &k2));
+            }
+        }
+        (centre, scale)
+    }
 }
 
 /// One head's covariance spectrum: eigenvalues in descending order and the matching unit
@@ -112,6 +235,11 @@ pub struct KvCalibration {
     /// `Σ q_c²/s_c² · Σ s_c² k_c²` is least at `s_c = (E q_c² / E k_c²)^¼` (InnerQ's idea).
     /// Not written to the calibration file: one read back from it leaves K unweighted.
     pub k_scale: Vec<Vec<f32>>,
+    /// Per layer, the K centre rotation codecs store rows around, `n_kv_head × head_dim`: the
+    /// mean K has over the served context (see the module notes), where `k_mean` is the mean
+    /// over the calibration text's positions (SpectralQuant's, whose basis was fitted there).
+    /// Empty when not measured (read from a file): `k_mean` serves.
+    pub k_center: Vec<Vec<f32>>,
 }
 
 /// Channel weights are kept within this factor of 1, so a channel the calibration text barely
@@ -137,8 +265,9 @@ impl KvCalibration {
     /// Means (and with `spectra`, covariance spectra) over the positions stored in `cache` (an
     /// f32 cache that has read the calibration text), leaving out position 0: the first token is
     /// an attention sink whose K/V are unlike the rest. Sliding-window layers use the rows they
-    /// still hold.
-    pub fn from_cache(cache: &KvCache, spectra: bool) -> Result<Self> {
+    /// still hold. Where the pass kept [`QueryMoments`], K's centre and channel weights are
+    /// computed for positions `0..horizon` (the context the cache will serve).
+    pub fn from_cache(cache: &KvCache, spectra: bool, horizon: usize) -> Result<Self> {
         let n = cache.len;
         let mut out = Self {
             tokens: n,
@@ -148,6 +277,7 @@ impl KvCalibration {
             v_spectra: Vec::new(),
             center: true,
             k_scale: Vec::new(),
+            k_center: Vec::new(),
         };
         for layer in &cache.layers {
             let hd = layer.head_dim;
@@ -155,12 +285,10 @@ impl KvCalibration {
                 .sliding_window
                 .map_or(1, |w| n.saturating_sub(w).max(1))
                 .min(n);
-            // K's channel weights need the queries the pass saw (none in shared-KV readers).
-            let queries = layer.query_energy.as_ref().filter(|(_, count)| *count > 0);
-            let mut k_scale = Vec::new();
-            for (store, means, specs, queries) in [
-                (&layer.k, &mut out.k_mean, &mut out.k_spectra, queries),
-                (&layer.v, &mut out.v_mean, &mut out.v_spectra, None),
+            let (mut k_center, mut k_scale) = (Vec::new(), Vec::new());
+            for (k, store, means, specs) in [
+                (true, &layer.k, &mut out.k_mean, &mut out.k_spectra),
+                (false, &layer.v, &mut out.v_mean, &mut out.v_spectra),
             ] {
                 let mut mean = vec![0f32; store.n_kv_head * hd];
                 let mut layer_spectra = Vec::new();
@@ -179,9 +307,9 @@ impl KvCalibration {
                         if spectra {
                             layer_spectra.push(Spectrum::of_covariance(hd, &covariance(rows, m)));
                         }
-                        if let Some((q2, nq)) = queries {
-                            k_scale.extend(k_channel_scales(rows, &q2[h * hd..(h + 1) * hd], *nq));
-                        }
+                    }
+                    if let Some(qm) = layer.query_moments.as_ref().filter(|_| k) {
+                        (k_center, k_scale) = qm.k_centering(&all, lo, horizon);
                     }
                 }
                 means.push(mean);
@@ -189,6 +317,7 @@ impl KvCalibration {
                     specs.push(layer_spectra);
                 }
             }
+            out.k_center.push(k_center);
             out.k_scale.push(k_scale);
         }
         Ok(out)
@@ -290,6 +419,7 @@ impl KvCalibration {
             v_spectra: Vec::new(),
             center: true,
             k_scale: Vec::new(),
+            k_center: Vec::new(),
         };
         for kv in ["k", "v"] {
             for il in 0..layers {
@@ -406,6 +536,7 @@ mod tests {
             v_spectra: vec![vec![spec(3.0), spec(4.0)], vec![]],
             center: true,
             k_scale: Vec::new(),
+            k_center: Vec::new(),
         };
         let dir = std::env::temp_dir().join(format!("dh-calib-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -417,6 +548,82 @@ mod tests {
         std::fs::write(&path, b"not safetensors").unwrap();
         assert!(KvCalibration::load(&path, "m.gguf:123").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mean_phase_is_the_mean_over_positions() {
+        for (omega, n) in [(0.0, 100), (1.0, 1), (1.0, 7), (0.3, 1000), (2e-5, 65536)] {
+            let (c, s) = mean_phase(omega, n);
+            let (bc, bs) = (0..n).fold((0f64, 0f64), |(c, s), p| {
+                let (sin, cos) = (omega * p as f64).sin_cos();
+                (c + cos / n as f64, s + sin / n as f64)
+            });
+            assert!(
+                (c - bc).abs() < 1e-9 && (s - bs).abs() < 1e-9,
+                "ω {omega} n {n}"
+            );
+        }
+    }
+
+    /// Keys with a fixed offset before RoPE, read at positions 1..257. Pair 0 turns a radian per
+    /// position, pair 1 0.1 rad over those positions and 26 rad over 64K, pairs 2 and 3 hardly
+    /// at all. Over the positions read, the centre is the rows' own mean; over 64K pair 1 loses
+    /// its offset as pair 0 did, pairs 2 and 3 keep theirs, and pair 1's weights (queries put
+    /// 16× the energy there) drop and come out equal on its two channels.
+    #[test]
+    fn k_centre_and_weights_follow_rope_over_the_context() {
+        use crate::model::arch::RopeStyle;
+        let hd = 8;
+        let rope = Rope::new(3.9e13, hd, 1.0, RopeStyle::Interleaved, false);
+        let mut rng = super::super::codec::turbo::SplitMix(3);
+        let offset = [3.0f32, 1.0, 2.0, -1.5, 1.0, 0.0, 2.0, -1.0];
+        let (pos0, n) = (1, 256);
+        let mut keys = Vec::new();
+        for j in 0..n {
+            let mut k: Vec<f32> = offset
+                .iter()
+                .map(|o| o + (rng.next_f64() as f32 - 0.5))
+                .collect();
+            rope.apply(&mut k, pos0 + j, 1);
+            keys.extend(k);
+        }
+        let mut qm = QueryMoments::new(rope.clone(), 1);
+        let mut q = vec![0f32; n * hd];
+        for (i, x) in q.iter_mut().enumerate() {
+            let loud = matches!(i % hd, 2 | 3);
+            *x = if loud { 4.0 } else { 1.0 } * (rng.next_f64() as f32 - 0.5);
+        }
+        qm.add(&q, 1);
+
+        let (near, near_scale) = qm.k_centering(&keys, pos0, pos0 + n);
+        let mut mean = vec![0f32; hd];
+        for row in keys.chunks_exact(hd) {
+            for (m, x) in mean.iter_mut().zip(row) {
+                *m += x / n as f32;
+            }
+        }
+        for (c, m) in near.iter().zip(&mean) {
+            assert!(
+                (c - m).abs() < 0.05 * (1.0 + m.abs()),
+                "{near:?} vs {mean:?}"
+            );
+        }
+        assert!(
+            near[2] > 1.8 && near_scale[2] > 1.5 * near_scale[6],
+            "{near_scale:?}"
+        );
+
+        let (far, scale) = qm.k_centering(&keys, pos0, 65536);
+        for c in 0..4 {
+            assert!(far[c].abs() < 0.15, "channel {c}: {far:?}");
+        }
+        for c in 4..8 {
+            assert!((far[c] - offset[c]).abs() < 0.05, "channel {c}: {far:?}");
+        }
+        assert!(
+            scale[2] < near_scale[2] && (scale[2] / scale[3] - 1.0).abs() < 0.05,
+            "{scale:?}"
+        );
     }
 
     /// Rows drawn along known axes with known variances: the spectrum recovers them, and the

@@ -402,8 +402,11 @@ pub fn attention(
         scale,
     };
     // The calibration pass (query energies kept) takes the prefill path even for one token.
-    if t == 1 && cache.query_energy.is_none() {
+    if t == 1 && cache.query_moments.is_none() {
         return decode(&dev, cache, &q, &k, &v, rope, &step);
+    }
+    if let Some(moments) = cache.query_moments.as_mut() {
+        moments.add(&q.flatten_all()?.to_vec1::<f32>()?, n_head);
     }
     let (q, k) = match rope {
         Some(r) => (
@@ -412,17 +415,6 @@ pub fn attention(
         ),
         None => (q, k),
     };
-    if let Some((energy, count)) = cache.query_energy.as_mut() {
-        // Σ q² per (KV head, channel) over the chunk's tokens and the GQA group's queries, as
-        // the host attention keeps it.
-        let (n_kv, hd) = (cache.k.n_kv_head, cache.head_dim);
-        let group = n_head / n_kv;
-        let e = q.reshape((t, n_kv, group, hd))?.sqr()?.sum((0, 2))?;
-        for (a, b) in energy.iter_mut().zip(e.flatten_all()?.to_vec1::<f32>()?) {
-            *a += b as f64;
-        }
-        *count += t * group;
-    }
     let out = prefill::attend(&dev, cache, &q, &k, &v, &step, key_tile)?;
     let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
     store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use super::calibration::{KvCalibration, Spectrum};
+use super::calibration::{KvCalibration, QueryMoments, Spectrum};
 use super::codec::f16::F16Codec;
 use super::{CacheType, KvCodec, KvPolicy};
 use crate::model::arch::ModelArchitecture;
@@ -16,14 +16,14 @@ static SINK_CODEC: F16Codec = F16Codec;
 /// Widest head the stores take (Gemma's global layers use 512).
 pub const MAX_HEAD_DIM: usize = 512;
 
-/// Bytes one layer's K or V store takes: `rows` rows per KV head in `ty`, plus f16 sink rows
-/// when rows are centered (rotation codecs with calibration). What [`RowStore::bytes`] reports.
 /// Sink rows a store of `capacity` rows keeps: they come with centering (both are off for the
 /// fork's plain TurboQuant).
 fn sink_count(centered: bool, capacity: usize) -> usize {
     if centered { SINK_ROWS.min(capacity) } else { 0 }
 }
 
+/// Bytes one layer's K or V store takes: `rows` rows per KV head in `ty`, plus f16 sink rows
+/// when rows are centered (rotation codecs with calibration). What [`RowStore::bytes`] reports.
 pub fn store_bytes(
     ty: CacheType,
     n_kv_head: usize,
@@ -323,9 +323,9 @@ pub struct LayerCache {
     pub v: RowStore,
     pub head_dim: usize,
     pub sliding_window: Option<usize>,
-    /// Σ q² per (KV head, channel) over the queries attended so far and their count: kept by
-    /// the calibration pass only (`KvCalibration::k_scale`).
-    pub query_energy: Option<(Vec<f64>, usize)>,
+    /// The queries attended so far, for K's centre and channel weights: kept by the
+    /// calibration pass only.
+    pub query_moments: Option<QueryMoments>,
 }
 
 /// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
@@ -428,9 +428,13 @@ impl KvCache {
                     let center = |c: &&KvCalibration| {
                         codec.rotates() && (c.center || codec.needs_spectrum())
                     };
-                    let mean = calib
-                        .filter(center)
-                        .map(|c| if k { &c.k_mean } else { &c.v_mean }[il].clone());
+                    let mean = calib.filter(center).map(|c| {
+                        let k_center = c.k_center.get(il).filter(|m| !m.is_empty());
+                        match k_center {
+                            Some(m) if k && !codec.needs_spectrum() => m.clone(),
+                            _ => (if k { &c.k_mean } else { &c.v_mean })[il].clone(),
+                        }
+                    });
                     let scale = calib
                         .filter(|c| k && center(c) && !codec.needs_spectrum())
                         .and_then(|c| c.k_scale.get(il))
@@ -457,7 +461,7 @@ impl KvCache {
                         v: store(tv, false)?,
                         head_dim: g.head_dim,
                         sliding_window: g.sliding_window,
-                        query_energy: None,
+                        query_moments: None,
                     });
                 }
                 #[cfg(not(feature = "cuda"))]
@@ -471,7 +475,7 @@ impl KvCache {
                     v: store(tv, false),
                     head_dim: g.head_dim,
                     sliding_window: g.sliding_window,
-                    query_energy: None,
+                    query_moments: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -56,13 +56,7 @@ impl SelfAttention {
         let names = ["attn_q", "attn_k", "attn_v"].map(|n| format!("{p}.{n}"));
         let names = names.iter().map(String::as_str).collect::<Vec<_>>();
         let own = if arch.stores_kv(il) { 3 } else { 1 };
-        let rope = Rope::new(
-            g.rope_theta,
-            g.head_dim,
-            g.rope_partial,
-            arch.rope_style,
-            arch.bf16_buffers,
-        );
+        let rope = Rope::for_layer(arch, il);
         Ok(Self {
             #[cfg(feature = "cuda")]
             rope_freqs: device

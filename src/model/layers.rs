@@ -11,7 +11,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{D, Device, Module, Tensor};
 
-use super::arch::RopeStyle;
+use super::arch::{ModelArchitecture, RopeStyle};
 use super::gguf::GgufFile;
 use super::quant::{Kind, QuantMatrix};
 use super::safetensors::HfDir;
@@ -594,6 +594,7 @@ pub fn round_bf16(x: f32) -> f32 {
 }
 
 /// Rotary embedding tables for one base frequency.
+#[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     style: RopeStyle,
@@ -628,9 +629,29 @@ impl Rope {
         &self.inv_freq
     }
 
+    /// Layer `il`'s rotation as the model applies it.
+    pub fn for_layer(arch: &ModelArchitecture, il: usize) -> Self {
+        let g = &arch.layers[il];
+        Self::new(
+            g.rope_theta,
+            g.head_dim,
+            g.rope_partial,
+            arch.rope_style,
+            arch.bf16_buffers,
+        )
+    }
+
     /// Whether pairs are the two halves of a head (NeoX) rather than adjacent values.
     pub fn neox(&self) -> bool {
         matches!(self.style, RopeStyle::Neox)
+    }
+
+    /// The two channels pair `i` of a head rotates together.
+    pub fn pair(&self, i: usize) -> (usize, usize) {
+        match self.style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + self.inv_freq.len()),
+        }
     }
 
     /// Rotates `x` [t, n_head, head_dim] in place for positions `pos..pos+t`.
@@ -647,10 +668,7 @@ impl Rope {
             for h in 0..n_head {
                 let v = &mut x[(ti * n_head + h) * hd..][..hd];
                 for (i, &(sin, cos)) in cs.iter().enumerate() {
-                    let (a, b) = match self.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
-                    };
+                    let (a, b) = self.pair(i);
                     let (x0, x1) = (v[a], v[b]);
                     v[a] = x0 * cos - x1 * sin;
                     v[b] = x0 * sin + x1 * cos;
