@@ -198,6 +198,8 @@ pub fn check_layer(
             center: true,
             k_scale: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(x / 2.0)).collect()),
             k_center: Vec::new(),
+            k_var: Vec::new(),
+            v_var: Vec::new(),
         }
     });
     let calib = calib.as_ref();

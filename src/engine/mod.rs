@@ -223,9 +223,11 @@ impl Engine {
         }
         self.prefill(&mut cache, &tokens)?;
         let mut calib = KvCalibration::from_cache(&cache, spectra, self.n_ctx)?;
-        // `DH_KV_CHANNEL_SCALE=0`: K centered but not weighted, to compare.
+        // `DH_KV_CHANNEL_SCALE=0`: rows centered but no channel weighted, to compare.
         if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() == Ok("0") {
             calib.k_scale.clear();
+            calib.k_var.clear();
+            calib.v_var.clear();
         }
         eprintln!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",

@@ -263,10 +263,7 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
                     axpy_f32(c, &p.acc[gi * hd..(gi + 1) * hd], o);
                 }
             }
-            cache.v.codec(kvh).finish_output(o);
-            if let Some(m) = cache.v.head_mean(kvh, hd) {
-                axpy_f32(past, m, o);
-            }
+            cache.v.finish_values(kvh, o, past);
             let total = past + w_own;
             let inv = 1.0 / total;
             for x in o.iter_mut() {
@@ -372,10 +369,7 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
             for (bi, ti) in tis.clone().enumerate() {
                 let r = gi * nb + bi;
                 let o = &mut acc[r * hd..][..hd];
-                cache.v.codec(kvh).finish_output(o);
-                if let Some(mu) = cache.v.head_mean(kvh, hd) {
-                    axpy_f32(past_weight[r], mu, o);
-                }
+                cache.v.finish_values(kvh, o, past_weight[r]);
                 let row = (kvh * g + gi) * t + ti;
                 // SAFETY: as for `probs` above.
                 let dst = unsafe { past_w.range(row * hd..(row + 1) * hd) };

@@ -9,7 +9,9 @@
 //! The same pass measures how much energy queries put in each channel, so K can be stored with
 //! channel weights (InnerQ): `s ⊙ (k − μ)` quantized, queries scored as `q ⊘ s`
 //! ([`KvCalibration::k_scale`]). Scores are unchanged; the codec's error lands where queries
-//! look least.
+//! look least. Codecs that rotate small blocks (RotorQuant's family) also get K's weights, and
+//! V weights, evened out over their blocks ([`balance_blocks`]): their codebook is scaled by the
+//! whole row's norm, and a block louder than the rest would overload it.
 //!
 //! K's centre and weights are for the whole context the cache serves, not the calibration
 //! text's few hundred positions: RoPE turns each channel pair of a key by `θ·p`, so an offset
@@ -23,6 +25,7 @@
 //! the centered rows' covariance), measured on the same rows when a spectral type is in use.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -143,15 +146,15 @@ impl QueryMoments {
     /// K's centre and channel weights for positions `0..horizon`, from the layer's K rows
     /// `k_rows` [n_kv_head, n, head_dim] stored at positions `pos0..pos0 + n`: the centre is the
     /// rows' mean as RoPE carries it over the context, the weights (empty before any query was
-    /// added) `(E q² / Var k)^¼` per channel over the same positions.
-    fn k_centering(&self, k_rows: &[f32], pos0: usize, horizon: usize) -> (Vec<f32>, Vec<f32>) {
+    /// added) `(E q² / Var k)^¼` per channel over the same positions, and `Var k` itself.
+    fn k_centering(&self, k_rows: &[f32], pos0: usize, horizon: usize) -> [Vec<f32>; 3] {
         let freqs = self.rope.inv_freq();
         let pairs = freqs.len();
         let hd = 2 * pairs;
         let per_head = k_rows.len() / self.n_kv_head;
         let n = (per_head / hd).max(1) as f64;
         let mut centre = vec![0f32; self.n_kv_head * hd];
-        let mut scale = Vec::new();
+        let (mut scale, mut var) = (Vec::new(), Vec::new());
         for h in 0..self.n_kv_head {
             // Per pair: Σ a, Σ b, Σ a², Σ b², Σ ab of the un-rotated rows.
             let mut sums = vec![[0f64; 5]; pairs];
@@ -181,8 +184,9 @@ impl QueryMoments {
             if self.count > 0 {
                 scale.extend(channel_scales(&q2, &k2));
             }
+            var.extend(k2.iter().map(|&v| v as f32));
         }
-        (centre, scale)
+        [centre, scale, var]
     }
 }
 
@@ -240,6 +244,12 @@ pub struct KvCalibration {
     /// over the calibration text's positions (SpectralQuant's, whose basis was fitted there).
     /// Empty when not measured (read from a file): `k_mean` serves.
     pub k_center: Vec<Vec<f32>>,
+    /// Per layer, K's variance per channel around `k_center` over the served context,
+    /// `n_kv_head × head_dim` (empty when not measured): what [`balance_blocks`] evens out.
+    pub k_var: Vec<Vec<f32>>,
+    /// Per layer, V's variance per channel around `v_mean`, `n_kv_head × head_dim` (empty when
+    /// not measured).
+    pub v_var: Vec<Vec<f32>>,
 }
 
 /// Channel weights are kept within this factor of 1, so a channel the calibration text barely
@@ -261,6 +271,45 @@ pub(crate) fn channel_scales(q2: &[f64], k2: &[f64]) -> Vec<f32> {
         .collect()
 }
 
+/// `scale` [n_kv_head, head_dim] rebalanced for a codec that rotates each of `blocks` (channel
+/// ranges of a row) on its own: such a codec scales one codebook by the row's norm, so a block
+/// holding more than its share of the weighted row's energy overloads it while a WHT would
+/// have spread that energy over the group. Each block's weights are multiplied by one factor
+/// that gives every block the same energy per value, `Σ_b s_c² Var k_c / |b|`; within a block
+/// the weights keep their ratios (where the block's rotation makes the error isotropic, those
+/// are still the best ratios). Normalized and clamped as [`channel_scales`].
+pub(crate) fn balance_blocks(
+    scale: &[f32],
+    var: &[f32],
+    head_dim: usize,
+    blocks: &[Range<usize>],
+) -> Vec<f32> {
+    let mut logs: Vec<f64> = scale.iter().map(|&s| (s as f64).ln()).collect();
+    for (lh, vh) in logs
+        .chunks_exact_mut(head_dim)
+        .zip(var.chunks_exact(head_dim))
+    {
+        for b in blocks {
+            let energy = b
+                .clone()
+                .map(|c| (2.0 * lh[c]).exp() * (vh[c] as f64).max(1e-12))
+                .sum::<f64>()
+                / b.len() as f64;
+            for l in &mut lh[b.clone()] {
+                *l -= 0.5 * energy.ln();
+            }
+        }
+    }
+    let cap = MAX_CHANNEL_SCALE.ln() as f64;
+    logs.chunks_exact(head_dim)
+        .flat_map(|lh| {
+            let mid = lh.iter().sum::<f64>() / head_dim as f64;
+            lh.iter()
+                .map(move |l| (l - mid).clamp(-cap, cap).exp() as f32)
+        })
+        .collect()
+}
+
 impl KvCalibration {
     /// Means (and with `spectra`, covariance spectra) over the positions stored in `cache` (an
     /// f32 cache that has read the calibration text), leaving out position 0: the first token is
@@ -278,6 +327,8 @@ impl KvCalibration {
             center: true,
             k_scale: Vec::new(),
             k_center: Vec::new(),
+            k_var: Vec::new(),
+            v_var: Vec::new(),
         };
         for layer in &cache.layers {
             let hd = layer.head_dim;
@@ -285,7 +336,8 @@ impl KvCalibration {
                 .sliding_window
                 .map_or(1, |w| n.saturating_sub(w).max(1))
                 .min(n);
-            let (mut k_center, mut k_scale) = (Vec::new(), Vec::new());
+            let [mut k_center, mut k_scale, mut k_var, mut v_var]: [Vec<f32>; 4] =
+                Default::default();
             for (k, store, means, specs) in [
                 (true, &layer.k, &mut out.k_mean, &mut out.k_spectra),
                 (false, &layer.v, &mut out.v_mean, &mut out.v_spectra),
@@ -307,9 +359,15 @@ impl KvCalibration {
                         if spectra {
                             layer_spectra.push(Spectrum::of_covariance(hd, &covariance(rows, m)));
                         }
+                        if !k {
+                            v_var.extend((0..hd).map(|c| {
+                                let dev = rows.chunks_exact(hd).map(|r| (r[c] - m[c]).powi(2));
+                                dev.sum::<f32>() / count as f32
+                            }));
+                        }
                     }
                     if let Some(qm) = layer.query_moments.as_ref().filter(|_| k) {
-                        (k_center, k_scale) = qm.k_centering(&all, lo, horizon);
+                        [k_center, k_scale, k_var] = qm.k_centering(&all, lo, horizon);
                     }
                 }
                 means.push(mean);
@@ -319,6 +377,8 @@ impl KvCalibration {
             }
             out.k_center.push(k_center);
             out.k_scale.push(k_scale);
+            out.k_var.push(k_var);
+            out.v_var.push(v_var);
         }
         Ok(out)
     }
@@ -420,6 +480,8 @@ impl KvCalibration {
             center: true,
             k_scale: Vec::new(),
             k_center: Vec::new(),
+            k_var: Vec::new(),
+            v_var: Vec::new(),
         };
         for kv in ["k", "v"] {
             for il in 0..layers {
@@ -537,6 +599,8 @@ mod tests {
             center: true,
             k_scale: Vec::new(),
             k_center: Vec::new(),
+            k_var: Vec::new(),
+            v_var: Vec::new(),
         };
         let dir = std::env::temp_dir().join(format!("dh-calib-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -595,7 +659,7 @@ mod tests {
         }
         qm.add(&q, 1);
 
-        let (near, near_scale) = qm.k_centering(&keys, pos0, pos0 + n);
+        let [near, near_scale, _] = qm.k_centering(&keys, pos0, pos0 + n);
         let mut mean = vec![0f32; hd];
         for row in keys.chunks_exact(hd) {
             for (m, x) in mean.iter_mut().zip(row) {
@@ -613,7 +677,7 @@ mod tests {
             "{near_scale:?}"
         );
 
-        let (far, scale) = qm.k_centering(&keys, pos0, 65536);
+        let [far, scale, _] = qm.k_centering(&keys, pos0, 65536);
         for c in 0..4 {
             assert!(far[c].abs() < 0.15, "channel {c}: {far:?}");
         }

@@ -2,7 +2,8 @@
 
 use anyhow::{Result, bail};
 
-use super::calibration::{KvCalibration, QueryMoments, Spectrum};
+use super::calibration::{KvCalibration, QueryMoments, Spectrum, balance_blocks};
+use super::codec::axpy_f32;
 use super::codec::f16::F16Codec;
 use super::{CacheType, KvCodec, KvPolicy};
 use crate::model::arch::ModelArchitecture;
@@ -311,6 +312,22 @@ impl RowStore {
     }
 
     /// Head `head`'s stored mean, if this store centers its rows.
+    /// A sum `acc` of this (V) store's rows of head `head` in its stored domain, with weights
+    /// summing to `weight`, back into values: rotation undone, channel weights divided out,
+    /// `weight` times the mean added.
+    pub fn finish_values(&self, head: usize, acc: &mut [f32], weight: f32) {
+        let hd = acc.len();
+        self.codec(head).finish_output(acc);
+        if let Some(s) = &self.scale {
+            for (x, w) in acc.iter_mut().zip(&s[head * hd..(head + 1) * hd]) {
+                *x /= w;
+            }
+        }
+        if let Some(m) = self.head_mean(head, hd) {
+            axpy_f32(weight, m, acc);
+        }
+    }
+
     pub fn head_mean(&self, head: usize, head_dim: usize) -> Option<&[f32]> {
         self.mean
             .as_deref()
@@ -435,11 +452,26 @@ impl KvCache {
                             _ => (if k { &c.k_mean } else { &c.v_mean })[il].clone(),
                         }
                     });
+                    // Channel weights: K's InnerQ weights, and for codecs that rotate small
+                    // blocks, K's and V's weights evened out over the blocks.
+                    let blocks = codec.mixed_blocks(g.head_dim);
+                    let layer = |v: &Vec<Vec<f32>>| v.get(il).filter(|x| !x.is_empty()).cloned();
                     let scale = calib
-                        .filter(|c| k && center(c) && !codec.needs_spectrum())
-                        .and_then(|c| c.k_scale.get(il))
-                        .filter(|s| !s.is_empty())
-                        .cloned();
+                        .filter(|c| center(c) && !codec.needs_spectrum())
+                        .and_then(|c| {
+                            let (weights, var) = if k {
+                                (layer(&c.k_scale)?, layer(&c.k_var))
+                            } else {
+                                let var = layer(&c.v_var).filter(|_| !blocks.is_empty())?;
+                                (vec![1.0; var.len()], Some(var))
+                            };
+                            Some(match var {
+                                Some(var) if !blocks.is_empty() => {
+                                    balance_blocks(&weights, &var, g.head_dim, &blocks)
+                                }
+                                _ => weights,
+                            })
+                        });
                     let spectra = calib
                         .filter(|_| codec.needs_spectrum())
                         .and_then(|c| if k { &c.k_spectra } else { &c.v_spectra }.get(il))
@@ -655,34 +687,121 @@ mod tests {
             }
         }
         let weights = crate::kv::calibration::channel_scales(&q2, &k2);
-        let score_error = |scale: Option<Vec<f32>>| -> f64 {
-            let zero = vec![0f32; hd];
-            let mut s = RowStore::new(CacheType::Turbo3, 1, hd, n, Some(zero), None).scaled(scale);
-            for p in 0..n {
-                s.write(0, p, &key(p));
-            }
-            let mut total = 0f64;
-            for j in 0..8 {
-                let q = query(j);
-                let mut qr = vec![0f32; hd];
-                s.prepare_query(0, &q, &mut qr);
-                let mut first = 0;
-                for (codec, bytes, m) in s.runs(0, 0..n) {
-                    let mut out = vec![0f32; m];
-                    codec.dot_rows(hd, &qr, bytes, &mut out);
-                    for (r, got) in out.iter().enumerate() {
-                        let want: f32 = q.iter().zip(key(first + r)).map(|(a, b)| a * b).sum();
-                        total += ((got - want) as f64).powi(2);
-                    }
-                    first += m;
-                }
-            }
-            total
-        };
-        let (plain, weighted) = (score_error(None), score_error(Some(weights)));
+        let error = |scale| score_error(CacheType::Turbo3, n, &key, &query, scale);
+        let (plain, weighted) = (error(None), error(Some(weights)));
         assert!(
             weighted < 0.5 * plain,
             "score error with channel weights {weighted} vs without {plain}"
         );
+    }
+
+    /// A block rotation cannot spread a loud block over the row as the WHT does: keys with one
+    /// loud channel pair (as RoPE's slow pairs often are) overload iso4's codebook in their
+    /// block unless the weights even the blocks out.
+    #[test]
+    fn balanced_weights_cut_a_block_codecs_score_error() {
+        let (hd, n) = (64, 200);
+        let wave = |a: usize, b: usize| ((a * 29 + b * 13) as f32 * 0.617).sin();
+        let key = |p: usize| -> Vec<f32> {
+            (0..hd)
+                .map(|i| wave(p, i) * if i < 2 { 10.0 } else { 0.5 })
+                .collect()
+        };
+        let query = |j: usize| -> Vec<f32> { (0..hd).map(|i| wave(j + 1000, i)).collect() };
+        let (mut q2, mut k2) = (vec![0f64; hd], vec![0f64; hd]);
+        for p in 0..n {
+            for (i, (k, q)) in key(p).iter().zip(query(p)).enumerate() {
+                k2[i] += (*k as f64).powi(2) / n as f64;
+                q2[i] += (q as f64).powi(2) / n as f64;
+            }
+        }
+        let weights = crate::kv::calibration::channel_scales(&q2, &k2);
+        let var: Vec<f32> = k2.iter().map(|&v| v as f32).collect();
+        let blocks = CacheType::Iso4.codec().mixed_blocks(hd);
+        assert_eq!((blocks.len(), blocks[1].clone()), (16, 4..8));
+        let balanced = crate::kv::calibration::balance_blocks(&weights, &var, hd, &blocks);
+        let error = |scale| score_error(CacheType::Iso4, n, &key, &query, scale);
+        let (innerq, even) = (error(Some(weights)), error(Some(balanced)));
+        assert!(
+            even < 0.5 * innerq,
+            "iso4 score error with balanced weights {even} vs InnerQ's {innerq}"
+        );
+    }
+
+    /// A V store with channel weights gives back the weighted sum of its values, weights and
+    /// mean undone by `finish_values`.
+    #[test]
+    fn v_weights_come_out_of_the_weighted_sum() {
+        let (hd, n) = (64, 24);
+        let value = |p: usize| -> Vec<f32> {
+            (0..hd)
+                .map(|i| ((p * 7 + i * 3) as f32 * 0.37).sin() * if i < 8 { 6.0 } else { 0.5 })
+                .collect()
+        };
+        let mean = vec![0.3f32; hd];
+        let weights: Vec<f32> = (0..hd).map(|i| if i < 8 { 0.25 } else { 1.5 }).collect();
+        let p: Vec<f32> = (0..n).map(|j| 1.0 / (1 + j) as f32).collect();
+        let mut want = vec![0f32; hd];
+        for (j, pj) in p.iter().enumerate() {
+            axpy_f32(*pj, &value(j), &mut want);
+        }
+        for scale in [None, Some(weights)] {
+            let mut s = RowStore::new(CacheType::Iso4, 1, hd, n, Some(mean.clone()), None)
+                .scaled(scale.clone());
+            for j in 0..n {
+                s.write(0, j, &value(j));
+            }
+            let mut acc = vec![0f32; hd];
+            let mut first = 0;
+            for (codec, bytes, m) in s.runs(0, 0..n) {
+                codec.axpy_rows(hd, &p[first..first + m], bytes, &mut acc);
+                first += m;
+            }
+            s.finish_values(0, &mut acc, p.iter().sum());
+            let err = acc
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f32>();
+            let norm = want.iter().map(|b| b * b).sum::<f32>();
+            assert!(
+                err < 0.05 * norm,
+                "weights {scale:?}: error {err} of {norm}"
+            );
+        }
+    }
+
+    /// Σ over 8 queries and `n` keys of the squared error of the scores a one-head store of `ty`
+    /// (centered on zero, K weights `scale`) gives against the exact `<q, k>`.
+    fn score_error(
+        ty: CacheType,
+        n: usize,
+        key: &dyn Fn(usize) -> Vec<f32>,
+        query: &dyn Fn(usize) -> Vec<f32>,
+        scale: Option<Vec<f32>>,
+    ) -> f64 {
+        let hd = key(0).len();
+        let zero = vec![0f32; hd];
+        let mut s = RowStore::new(ty, 1, hd, n, Some(zero), None).scaled(scale);
+        for p in 0..n {
+            s.write(0, p, &key(p));
+        }
+        let mut total = 0f64;
+        for j in 0..8 {
+            let q = query(j);
+            let mut qr = vec![0f32; hd];
+            s.prepare_query(0, &q, &mut qr);
+            let mut first = 0;
+            for (codec, bytes, m) in s.runs(0, 0..n) {
+                let mut out = vec![0f32; m];
+                codec.dot_rows(hd, &qr, bytes, &mut out);
+                for (r, got) in out.iter().enumerate() {
+                    let want: f32 = q.iter().zip(key(first + r)).map(|(a, b)| a * b).sum();
+                    total += ((got - want) as f64).powi(2);
+                }
+                first += m;
+            }
+        }
+        total
     }
 }

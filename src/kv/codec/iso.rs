@@ -36,6 +36,7 @@ fn conj(q: [f32; 4]) -> [f32; 4] {
 }
 
 impl Rotation for Quaternions {
+    const BLOCK: usize = 4;
     fn forward(x: &mut [f32]) {
         for (v, &(l, r)) in x.chunks_exact_mut(4).zip(pairs()) {
             let y = mul(mul(l, [v[0], v[1], v[2], v[3]]), r);

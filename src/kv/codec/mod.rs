@@ -35,6 +35,11 @@ pub trait KvCodec: Send + Sync {
     fn rotates(&self) -> bool {
         false
     }
+    /// The channel ranges of a row that one rotation block mixes, for codecs whose rotation
+    /// turns small blocks rather than the whole group (RotorQuant's family); empty otherwise.
+    fn mixed_blocks(&self, _head_dim: usize) -> Vec<std::ops::Range<usize>> {
+        Vec::new()
+    }
     /// Codecs fitted to each head's statistics (SpectralQuant) need its covariance spectrum
     /// from calibration; they always center rows.
     fn needs_spectrum(&self) -> bool {

@@ -33,6 +33,7 @@ fn turn(x: &mut [f32], sign: f32) {
 }
 
 impl Rotation for Givens {
+    const BLOCK: usize = 2;
     fn forward(x: &mut [f32]) {
         turn(x, 1.0)
     }

@@ -54,6 +54,7 @@ fn apply(x: &mut [f32], transpose: bool) {
 }
 
 impl Rotation for Rotors {
+    const BLOCK: usize = 3;
     fn forward(x: &mut [f32]) {
         apply(x, false)
     }

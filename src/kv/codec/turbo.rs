@@ -11,6 +11,7 @@
 //! same packing and attention path.
 
 use std::marker::PhantomData;
+use std::ops::Range;
 
 use half::f16;
 
@@ -36,6 +37,8 @@ pub trait TurboLayout: Send + Sync + 'static {
 
 /// An orthogonal map of one group of 64 or 128 values and its inverse.
 pub trait Rotation: Send + Sync + 'static {
+    /// Values one rotation block mixes; 0 for a rotation of the whole group.
+    const BLOCK: usize = 0;
     fn forward(x: &mut [f32]);
     fn inverse(x: &mut [f32]);
 }
@@ -145,6 +148,21 @@ impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
 
     fn rotates(&self) -> bool {
         true
+    }
+
+    fn mixed_blocks(&self, head_dim: usize) -> Vec<Range<usize>> {
+        if R::BLOCK == 0 {
+            return Vec::new();
+        }
+        let g = group_width(head_dim);
+        (0..head_dim)
+            .step_by(g)
+            .flat_map(|start| {
+                (start..start + g)
+                    .step_by(R::BLOCK)
+                    .map(move |b| b..(b + R::BLOCK).min(start + g))
+            })
+            .collect()
     }
 
     fn bytes_per_row(&self, head_dim: usize) -> usize {
