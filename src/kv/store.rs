@@ -679,13 +679,7 @@ mod tests {
                 .map(|i| wave(j + 1000, i) * if i < hd / 2 { 4.0 } else { 0.5 })
                 .collect()
         };
-        let (mut q2, mut k2) = (vec![0f64; hd], vec![0f64; hd]);
-        for p in 0..n {
-            for (i, (k, q)) in key(p).iter().zip(query(p)).enumerate() {
-                k2[i] += (*k as f64).powi(2) / n as f64;
-                q2[i] += (q as f64).powi(2) / n as f64;
-            }
-        }
+        let (q2, k2) = energies(n, &key, &query);
         let weights = crate::kv::calibration::channel_scales(&q2, &k2);
         let error = |scale| score_error(CacheType::Turbo3, n, &key, &query, scale);
         let (plain, weighted) = (error(None), error(Some(weights)));
@@ -708,13 +702,7 @@ mod tests {
                 .collect()
         };
         let query = |j: usize| -> Vec<f32> { (0..hd).map(|i| wave(j + 1000, i)).collect() };
-        let (mut q2, mut k2) = (vec![0f64; hd], vec![0f64; hd]);
-        for p in 0..n {
-            for (i, (k, q)) in key(p).iter().zip(query(p)).enumerate() {
-                k2[i] += (*k as f64).powi(2) / n as f64;
-                q2[i] += (q as f64).powi(2) / n as f64;
-            }
-        }
+        let (q2, k2) = energies(n, &key, &query);
         let weights = crate::kv::calibration::channel_scales(&q2, &k2);
         let var: Vec<f32> = k2.iter().map(|&v| v as f32).collect();
         let blocks = CacheType::Iso4.codec().mixed_blocks(hd);
@@ -769,6 +757,23 @@ mod tests {
                 "weights {scale:?}: error {err} of {norm}"
             );
         }
+    }
+
+    /// Per channel, E q² and E k² over the first `n` queries and keys.
+    fn energies(
+        n: usize,
+        key: &dyn Fn(usize) -> Vec<f32>,
+        query: &dyn Fn(usize) -> Vec<f32>,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let hd = key(0).len();
+        let (mut q2, mut k2) = (vec![0f64; hd], vec![0f64; hd]);
+        for p in 0..n {
+            for (i, (k, q)) in key(p).iter().zip(query(p)).enumerate() {
+                k2[i] += (*k as f64).powi(2) / n as f64;
+                q2[i] += (q as f64).powi(2) / n as f64;
+            }
+        }
+        (q2, k2)
     }
 
     /// Σ over 8 queries and `n` keys of the squared error of the scores a one-head store of `ty`
