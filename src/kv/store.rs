@@ -223,22 +223,8 @@ impl RowStore {
     /// undone, mean added back), calling `f` with each row.
     pub fn read_rows(&self, head: usize, range: std::ops::Range<usize>, mut f: impl FnMut(&[f32])) {
         let hd = self.head_dim;
-        let mean = self.head_mean(head, hd);
-        let scale = self
-            .scale
-            .as_deref()
-            .map(|s| &s[head * hd..(head + 1) * hd]);
         let mut emit = |row: &mut [f32]| {
-            if let Some(s) = scale {
-                for (v, w) in row.iter_mut().zip(s) {
-                    *v /= w;
-                }
-            }
-            if let Some(m) = mean {
-                for (v, m) in row.iter_mut().zip(m) {
-                    *v += m;
-                }
-            }
+            self.unweight(head, row, 1.0);
             f(row);
         };
         let mut row = vec![0f32; hd];
@@ -316,8 +302,14 @@ impl RowStore {
     /// summing to `weight`, back into values: rotation undone, channel weights divided out,
     /// `weight` times the mean added.
     pub fn finish_values(&self, head: usize, acc: &mut [f32], weight: f32) {
-        let hd = acc.len();
         self.codec(head).finish_output(acc);
+        self.unweight(head, acc, weight);
+    }
+
+    /// A row (or a sum of rows with weights summing to `weight`) of head `head`, rotation
+    /// already undone, back into values: channel weights divided out, the mean added.
+    fn unweight(&self, head: usize, acc: &mut [f32], weight: f32) {
+        let hd = acc.len();
         if let Some(s) = &self.scale {
             for (x, w) in acc.iter_mut().zip(&s[head * hd..(head + 1) * hd]) {
                 *x /= w;
