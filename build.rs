@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Our kernels, compiled to PTX with nvcc and embedded; the driver JIT-compiles them at load.
-const KERNELS: &[&str] = &["kv", "ops", "prefill"];
+const KERNELS: &[&str] = &["kv", "matmul", "ops", "prefill"];
 /// The decode partials (`decode.cu`), one module per K codec (its name and kernel id, in the
 /// order of `kv::store::GPU_TYPES`), so a run JIT-compiles only its K type's kernels.
 const DECODE_K: &[(&str, &str)] = &[

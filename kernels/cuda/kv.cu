@@ -1,4 +1,5 @@
-// The KV cache in GPU memory: RoPE, quantize-on-append, the WHT for queries and outputs, the
+// The KV cache in GPU memory: RoPE, quantize-on-append, the rotations (the WHT, RotorQuant's
+// block rotations) for queries and outputs, the
 // merge of flash-decoding partials (decode.cu computes them) and dequantization of a past range
 // for prefill. Rows are the CPU codecs' bytes (src/kv/codec/*.rs, codec.cuh) in the CPU store's
 // layout: head-major rings of `capacity` rows, position p in slot p % capacity.
@@ -65,6 +66,75 @@ __device__ void wht_shared(float* s, int d, bool inverse) {
     __syncthreads();
     if (i < d) s[i] *= scale * (inverse ? SIGNS1[o] : SIGNS2[o]);
     __syncthreads();
+}
+
+// Hamilton product a·b of quaternions (w, x, y, z), src/kv/codec/iso.rs's `mul` step by step.
+__device__ __forceinline__ void quat_mul(const float* a, const float* b, float* o) {
+    o[0] = __fsub_rn(__fsub_rn(__fsub_rn(__fmul_rn(a[0], b[0]), __fmul_rn(a[1], b[1])),
+                               __fmul_rn(a[2], b[2])),
+                     __fmul_rn(a[3], b[3]));
+    o[1] = __fsub_rn(__fadd_rn(__fadd_rn(__fmul_rn(a[0], b[1]), __fmul_rn(a[1], b[0])),
+                               __fmul_rn(a[2], b[3])),
+                     __fmul_rn(a[3], b[2]));
+    o[2] = __fadd_rn(__fadd_rn(__fsub_rn(__fmul_rn(a[0], b[2]), __fmul_rn(a[1], b[3])),
+                               __fmul_rn(a[2], b[0])),
+                     __fmul_rn(a[3], b[1]));
+    o[3] = __fadd_rn(__fsub_rn(__fadd_rn(__fmul_rn(a[0], b[3]), __fmul_rn(a[1], b[2])),
+                               __fmul_rn(a[2], b[1])),
+                     __fmul_rn(a[3], b[0]));
+}
+
+// In-place rotation of the `blk`-value blocks of each group of a row in shared memory `s`, with
+// the CPU codecs' float steps (src/kv/codec/{planar,iso,rotor}.rs) so stored bytes match:
+// blk 2, Givens (cos, sin per pair); 3, a rotor's row-major 3×3 matrix (inverse: its
+// transpose); 4, quaternions q_L, q_R (q_L·v·q_R; inverse conj(q_L)·v·conj(q_R)). A group's
+// trailing values that fill no block stay as they are. The first thread of a block turns it.
+__device__ void rotate_blocks(float* s, int d, bool inverse, int blk,
+                              const float* __restrict__ rot) {
+    const int i = threadIdx.x, g = turbo_width(d), o = i % g, b = o / blk;
+    __syncthreads();
+    if (i < d && o % blk == 0 && o + blk <= g) {
+        float* v = s + i;
+        if (blk == 2) {
+            const float c = rot[2 * b], sn = inverse ? -rot[2 * b + 1] : rot[2 * b + 1];
+            const float a0 = v[0], a1 = v[1];
+            v[0] = __fsub_rn(__fmul_rn(c, a0), __fmul_rn(sn, a1));
+            v[1] = __fadd_rn(__fmul_rn(sn, a0), __fmul_rn(c, a1));
+        } else if (blk == 3) {
+            const float* m = rot + 9 * b;
+            const float a[3] = {v[0], v[1], v[2]};
+            for (int r = 0; r < 3; r++) {
+                float x[3];
+                for (int j = 0; j < 3; j++)
+                    x[j] = __fmul_rn(inverse ? m[3 * j + r] : m[3 * r + j], a[j]);
+                v[r] = __fadd_rn(__fadd_rn(x[0], x[1]), x[2]);
+            }
+        } else {
+            const float* l = rot + 8 * b;
+            const float* r = l + 4;
+            float ql[4] = {l[0], l[1], l[2], l[3]}, qr[4] = {r[0], r[1], r[2], r[3]};
+            if (inverse)
+                for (int j = 1; j < 4; j++) {
+                    ql[j] = -ql[j];
+                    qr[j] = -qr[j];
+                }
+            const float a[4] = {v[0], v[1], v[2], v[3]};
+            float t[4], y[4];
+            quat_mul(ql, a, t);
+            quat_mul(t, qr, y);
+            for (int j = 0; j < 4; j++) v[j] = y[j];
+        }
+    }
+    __syncthreads();
+}
+
+// A turbo row's rotation in shared memory: the WHT (`blk` 0) or RotorQuant's block rotations.
+__device__ __forceinline__ void rotate_shared(float* s, int d, bool inverse, int blk,
+                                              const float* __restrict__ rot) {
+    if (blk == 0)
+        wht_shared(s, d, inverse);
+    else
+        rotate_blocks(s, d, inverse, blk, rot);
 }
 
 // Sum of `x` over each group of `g` threads (g = 64 or 128), the same value in every thread of
@@ -137,12 +207,14 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
 }
 
 // Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` with
-// `codec` (turbo: codebook `cb` and its decision points `mids`, src/kv/codec/turbo.rs's
-// quantize_group). With `own` non-null also writes the row in the codec's domain at full
-// precision (for the decode step's own position). Every thread of the block must call it.
+// `codec` (turbo: codebook `cb` and its decision points `mids`, rotation `rot_blk`/`rot` as in
+// rotate_shared; src/kv/codec/turbo.rs's quantize_group). With `own` non-null also writes the
+// row in the codec's domain at full precision (for the decode step's own position). Every
+// thread of the block must call it.
 __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restrict__ own,
                           int codec, int d, const float* __restrict__ cb,
-                          const float* __restrict__ mids, int n_mids) {
+                          const float* __restrict__ mids, int n_mids, int rot_blk,
+                          const float* __restrict__ rot) {
     __shared__ float s[MAX_RD];
     __shared__ float warp_sums[MAX_RD / 32];
     __shared__ uint8_t codes[MAX_RD];
@@ -159,7 +231,7 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     const float norm = sqrtf(group_sum(val * val, warp_sums, g));
     const float inv = norm > 1e-10f ? 1.f / norm : 0.f;
     if (i < d) s[i] = val * inv;
-    wht_shared(s, d, false);
+    rotate_shared(s, d, false, rot_blk, rot);
     const float y = i < d ? s[i] : 0.f;
     int c = 0;
     for (int k = 0; k < n_mids; k++) c += mids[k] <= y;
@@ -192,8 +264,9 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
 
 // One of K or V of a layer as the kernels take it (src/kv/device.rs's DeviceRows): the ring of
 // `capacity` rows per head, the codec (codebook `cb` and decision points `mids` for turbo),
-// and for centered stores the per-head mean and channel weights (nullable) and the f16 sink
-// rows (`n_sink` leading positions per head kept in the codec's domain, d values each).
+// for centered stores the per-head mean and channel weights (nullable) and the f16 sink rows
+// (`n_sink` leading positions per head kept in the codec's domain, d values each), and turbo
+// rows' rotation (`rot_blk`, `rot`: rotate_shared).
 struct Store {
     uint8_t* rows;
     int codec, rb;
@@ -202,6 +275,11 @@ struct Store {
     const float *mean, *cscale;
     uint8_t* sinks;
     int n_sink;
+    int rot_blk;
+    const float* rot;
+    __device__ __forceinline__ void rotate(float* s, int d, bool inverse) const {
+        if (is_turbo(codec)) rotate_shared(s, d, inverse, rot_blk, rot);
+    }
     // Where head h's value v at sink position p, and its ring row for position p, live.
     __device__ __forceinline__ uint8_t* sink_at(int h, long long p, int v, int d) const {
         return sinks + 2 * (((size_t)h * n_sink + p) * d + v);
@@ -213,10 +291,10 @@ struct Store {
 #define STORE_PARAMS(p)                                                                    \
     uint8_t *p##_rows, uint8_t *p##_sinks, int p##_codec, int p##_rb, const float *p##_cb,   \
         const float *p##_mids, int p##_n_mids, const float *p##_mean, const float *p##_cscale, \
-        int p##_n_sink
+        int p##_n_sink, int p##_rot_blk, const float *p##_rot
 #define STORE(p)                                                                           \
     Store { p##_rows, p##_codec, p##_rb, p##_cb, p##_mids, p##_n_mids, p##_mean, p##_cscale, \
-            p##_sinks, p##_n_sink }
+            p##_sinks, p##_n_sink, p##_rot_blk, p##_rot }
 
 // Stores head h's row for position p, value `val` in thread i < d of a block of d threads:
 // centered on the store's mean and weighted by its channel scales where it has them (the CPU
@@ -233,14 +311,15 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
     if (p < st.n_sink) {
         if (i < d) s[i] = val;
         __syncthreads();
-        if (is_turbo(st.codec)) wht_shared(s, d, false);
+        st.rotate(s, d, false);
         if (i < d) {
             put_half(st.sink_at(h, p, i, d), s[i]);
             if (own) own[i] = s[i];
         }
         return;
     }
-    store_row(val, st.ring_row(h, p, capacity), own, st.codec, d, st.cb, st.mids, st.n_mids);
+    store_row(val, st.ring_row(h, p, capacity), own, st.codec, d, st.cb, st.mids, st.n_mids,
+              st.rot_blk, st.rot);
 }
 
 // Value v of head h's row for position p in the store's domain: its sink row or ring row.
@@ -316,7 +395,7 @@ extern "C" __global__ void kv_step(
     }
     if (i < d && k_cscale) x[i] = x[i] / k_cscale[(size_t)(h / (n_head / n_kv)) * d + i];
     __syncthreads();
-    if (is_turbo(k_codec)) wht_shared(x, d, false);
+    STORE(k).rotate(x, d, false);
     if (i < d) q_out[(size_t)h * d + i] = x[i] * scale;
 }
 
@@ -331,7 +410,7 @@ extern "C" __global__ void kv_dequant(float* __restrict__ out, long long capacit
     const size_t c = (size_t)h * d + i;
     if (i < d) s[i] = stored_value(STORE(st), h, p, capacity, i, d);
     __syncthreads();
-    if (is_turbo(st_codec)) wht_shared(s, d, true);
+    STORE(st).rotate(s, d, true);
     if (i < d) {
         float x = s[i];
         if (st_cscale) x = x / st_cscale[c];
@@ -359,7 +438,8 @@ __device__ float block_reduce(float x, float* red, bool is_max) {
 // the positions x_lo..x_hi (≤ MAX_SINK of them: where a store keeps sink rows, which the
 // partials skip; each store's sink or ring row) and the step's own position (its score
 // q·own_k, its row own_v; q [n_kv, n_q, d] as the partials took it, own_k/own_v [n_kv, d] in
-// the stores' domains), rotated back out of V's domain, plus V's mean where V is centered; one
+// the stores' domains), rotated back out of V's domain, V's channel weights divided out and its
+// mean added where V is centered; one
 // block per (KV head, query): slot weights in shared memory (`slots` floats, dynamic), then
 // (value × phase) threads sum over the slots.
 extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
@@ -428,8 +508,12 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
         sums[v] = num / den;
     }
     __syncthreads();
-    if (is_turbo(vs.codec)) wht_shared(sums, d, true);
-    if (tid < d)
-        out[((size_t)kvh * n_q + qi) * d + tid] =
-            vs.mean ? sums[tid] + vs.mean[(size_t)kvh * d + tid] : sums[tid];
+    vs.rotate(sums, d, true);
+    if (tid < d) {
+        const size_t c = (size_t)kvh * d + tid;
+        float x = sums[tid];
+        if (vs.cscale) x = x / vs.cscale[c];
+        if (vs.mean) x = x + vs.mean[c];
+        out[((size_t)kvh * n_q + qi) * d + tid] = x;
+    }
 }

@@ -160,7 +160,8 @@ pub struct LayerReport {
 
 /// Layer 0 of `engine_model`, or with `shape` = (KV heads, GQA group, head dim) the same
 /// layer reshaped (the kernels' other head dims and groups on one model). With `centered`,
-/// every store centers on one random calibration (means, K channel weights; sink rows).
+/// every store centers on one random calibration (means, K channel weights, and the channel
+/// variances that RotorQuant types even their K and V weights over; sink rows).
 pub fn check_layer(
     engine_model: &Path,
     ty: CacheType,
@@ -198,8 +199,8 @@ pub fn check_layer(
             center: true,
             k_scale: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(x / 2.0)).collect()),
             k_center: Vec::new(),
-            k_var: Vec::new(),
-            v_var: Vec::new(),
+            k_var: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(*x)).collect()),
+            v_var: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(*x)).collect()),
         }
     });
     let calib = calib.as_ref();

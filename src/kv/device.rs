@@ -4,8 +4,9 @@
 //! cores, `kernels/cuda/decode.cu`: query rotated once, V accumulated in the rotated domain and
 //! rotated back once per head), and prefill dequantizes the past tile by tile for a
 //! flash-attention kernel (`prefill`). Types with kernels: f16, turbo4, turbo3, turbo2, q8_0,
-//! q4_0. Other types (the block rotors and SpectralQuant), and architectures with shared-KV
-//! layers, keep their cache in host memory and attend on the CPU.
+//! q4_0, and the RotorQuant family (rotor, iso, planar) as turbo4/turbo3 rows under their own
+//! block rotations. SpectralQuant, and architectures with shared-KV layers, keep their cache
+//! in host memory and attend on the CPU.
 //!
 //! Stores center their rows as the CPU store does: turbo rows on the calibrated per-head means,
 //! K's channels weighted, the first positions kept as f16 sink rows in the codec's domain
@@ -22,7 +23,7 @@ use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 use super::CacheType;
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
-use super::store::{GPU_TYPES, LayerCache, RowStore, SINK_ROWS};
+use super::store::{GPU_TYPES, LayerCache, RowStore, SINK_ROWS, gpu_kernel_type};
 
 mod prefill;
 
@@ -68,11 +69,11 @@ fn decode_split(k_rb: usize, v_rb: usize, hd: usize) -> (usize, usize) {
         (staged_size(rows, k_rb) + staged_size(rows, v_rb)).max(tiles),
     )
 }
-/// The kernels' codec ids (`C_*` in kv.cu): the type's place in [`GPU_TYPES`].
+/// The kernels' codec id (`C_*` in codec.cuh) for `ty`: the place in [`GPU_TYPES`] of the type
+/// whose kernels run it ([`gpu_kernel_type`]).
 fn codec_id(ty: CacheType) -> Result<usize> {
-    GPU_TYPES
-        .iter()
-        .position(|&t| t == ty)
+    gpu_kernel_type(ty)
+        .and_then(|k| GPU_TYPES.iter().position(|&t| t == k))
         .with_context(|| format!("no CUDA kernels for cache type {ty}"))
 }
 
@@ -95,9 +96,13 @@ struct Layout {
     centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
-    /// Centered stores: the per-head mean and (K) channel weights, `n_kv_head × head_dim`.
+    /// Centered stores: the per-head mean and channel weights, `n_kv_head × head_dim`.
     mean: Option<CudaSlice<f32>>,
     cscale: Option<CudaSlice<f32>>,
+    /// The rotation of turbo rows: 0 for the WHT, else the block width of a RotorQuant type,
+    /// whose blocks' parameters `rot` holds (a placeholder float for the WHT).
+    rot_block: i32,
+    rot: CudaSlice<f32>,
 }
 
 impl Layout {
@@ -114,7 +119,7 @@ impl Layout {
                 None => b.arg(null),
             };
         }
-        b.arg(&self.n_sink);
+        b.arg(&self.n_sink).arg(&self.rot_block).arg(&self.rot);
     }
 }
 
@@ -140,11 +145,15 @@ impl DeviceRows {
         let alloc = bytes + 16;
         let s = dev.cuda_stream();
         let (mut centroids, mut mids) = (vec![0f32; 16], vec![0f32]);
-        let bits = match ty {
-            CacheType::Turbo4 => Some(4),
-            CacheType::Turbo3 => Some(3),
-            CacheType::Turbo2 => Some(2),
+        let bits = match gpu_kernel_type(ty) {
+            Some(CacheType::Turbo4) => Some(4),
+            Some(CacheType::Turbo3) => Some(3),
+            Some(CacheType::Turbo2) => Some(2),
             _ => None,
+        };
+        let (rot_block, rot) = match ty.codec().block_rotation() {
+            Some(r) => (r.block as i32, r.params),
+            None => (0, vec![0.0]),
         };
         if let Some(bits) = bits {
             let cb = lloyd_max::turbo(group_width(head_dim), bits);
@@ -170,6 +179,8 @@ impl DeviceRows {
                 mids: s.clone_htod(&mids)?,
                 mean: upload(centering.mean)?,
                 cscale: upload(centering.scale)?,
+                rot_block,
+                rot: s.clone_htod(&rot)?,
             },
         })
     }

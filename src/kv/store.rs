@@ -347,6 +347,21 @@ pub const GPU_TYPES: [CacheType; 6] = [
     CacheType::Q4_0,
 ];
 
+/// The type whose GPU kernels run `ty`: `ty` itself where it is one of [`GPU_TYPES`]; for the
+/// RotorQuant family the turbo type of its bit width, whose bytes it shares (the kernels turn
+/// its block rotation where turbo's turn the WHT); `None` for types without kernels.
+pub fn gpu_kernel_type(ty: CacheType) -> Option<CacheType> {
+    if GPU_TYPES.contains(&ty) {
+        return Some(ty);
+    }
+    match ty.codec().block_rotation()?.bits {
+        4 => Some(CacheType::Turbo4),
+        3 => Some(CacheType::Turbo3),
+        2 => Some(CacheType::Turbo2),
+        _ => None,
+    }
+}
+
 /// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
 /// kernels, no layer shares another's K/V (those attend on the host), head_dim is one the
 /// kernels read (64, 128 or 256) and the GQA group fits (≤ 8 queries). Such stores center
@@ -354,8 +369,8 @@ pub const GPU_TYPES: [CacheType; 6] = [
 pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
     let g = &arch.layers[il];
     let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
-    GPU_TYPES.contains(&k)
-        && GPU_TYPES.contains(&v)
+    gpu_kernel_type(k).is_some()
+        && gpu_kernel_type(v).is_some()
         && !shared_kv
         && matches!(g.head_dim, 64 | 128 | 256)
         && g.n_head.is_multiple_of(g.n_kv_head)
@@ -574,6 +589,29 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotorquant_types_run_on_the_turbo_kernels_of_their_width() {
+        use CacheType::*;
+        for (ty, kernels) in [
+            (Rotor4, Some(Turbo4)),
+            (Iso4, Some(Turbo4)),
+            (Planar4, Some(Turbo4)),
+            (Rotor3, Some(Turbo3)),
+            (Iso3, Some(Turbo3)),
+            (Planar3, Some(Turbo3)),
+            (Turbo2, Some(Turbo2)),
+            (Q8_0, Some(Q8_0)),
+            (Spectral4, None),
+            (F32, None),
+        ] {
+            assert_eq!(gpu_kernel_type(ty), kernels, "{ty}");
+            // The kernels read the rows as the turbo type's bytes.
+            if let Some(k) = kernels {
+                assert_eq!(ty.codec().bytes_per_row(128), k.codec().bytes_per_row(128));
+            }
+        }
+    }
 
     #[test]
     fn ring_segments_wrap_and_stay_aligned() {

@@ -153,6 +153,12 @@ impl Linear {
     /// `x` [t, in] → [t, out]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.w {
+            #[cfg(feature = "cuda")]
+            Weight::Candle(w) => match super::quant::device::forward(w, x)? {
+                Some(y) => y,
+                None => w.forward(x)?,
+            },
+            #[cfg(not(feature = "cuda"))]
             Weight::Candle(w) => w.forward(x)?,
             Weight::Own(w) => w.forward(x)?,
         };

@@ -49,6 +49,14 @@ impl Rotation for Quaternions {
             v.copy_from_slice(&y);
         }
     }
+    /// Each block's q_L then q_R, (w, x, y, z).
+    fn params() -> Vec<f32> {
+        pairs()
+            .iter()
+            .flat_map(|(l, r)| l.iter().chain(r))
+            .copied()
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,11 @@ pub trait KvCodec: Send + Sync {
     fn mixed_blocks(&self, _head_dim: usize) -> Vec<std::ops::Range<usize>> {
         Vec::new()
     }
+    /// Codecs that store a turbo layout under a rotation of small blocks: what the GPU kernels
+    /// need to run them as that layout; `None` otherwise.
+    fn block_rotation(&self) -> Option<turbo::BlockRotation> {
+        None
+    }
     /// Codecs fitted to each head's statistics (SpectralQuant) need its covariance spectrum
     /// from calibration; they always center rows.
     fn needs_spectrum(&self) -> bool {

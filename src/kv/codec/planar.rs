@@ -40,6 +40,10 @@ impl Rotation for Givens {
     fn inverse(x: &mut [f32]) {
         turn(x, -1.0)
     }
+    /// Each pair's (cos θ, sin θ).
+    fn params() -> Vec<f32> {
+        angles().iter().flat_map(|&(c, s)| [c, s]).collect()
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,10 @@ impl Rotation for Rotors {
     fn inverse(x: &mut [f32]) {
         apply(x, true)
     }
+    /// Each rotor's matrix, row-major.
+    fn params() -> Vec<f32> {
+        matrices().iter().flatten().flatten().copied().collect()
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,19 @@ pub trait Rotation: Send + Sync + 'static {
     const BLOCK: usize = 0;
     fn forward(x: &mut [f32]);
     fn inverse(x: &mut [f32]);
+    /// Each block's parameters in order, as the GPU kernels turn them (`kernels/cuda/kv.cu`'s
+    /// `rotate_blocks`); empty for the WHT.
+    fn params() -> Vec<f32> {
+        Vec::new()
+    }
+}
+
+/// A turbo layout stored under a rotation of small blocks (RotorQuant's family), as the GPU
+/// kernels run it: the layout's bit width, the block width and every block's parameters.
+pub struct BlockRotation {
+    pub bits: u32,
+    pub block: usize,
+    pub params: Vec<f32>,
 }
 
 /// The fork's randomized Walsh–Hadamard transform.
@@ -163,6 +176,14 @@ impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
                     .map(move |b| b..(b + R::BLOCK).min(start + g))
             })
             .collect()
+    }
+
+    fn block_rotation(&self) -> Option<BlockRotation> {
+        (R::BLOCK > 0).then(|| BlockRotation {
+            bits: L::BITS,
+            block: R::BLOCK,
+            params: R::params(),
+        })
     }
 
     fn bytes_per_row(&self, head_dim: usize) -> usize {
@@ -380,6 +401,15 @@ pub(crate) mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
+        // The GPU kernels index a 128-wide group's blocks into these (kv.cu's rotate_blocks).
+        let per_block = match R::BLOCK {
+            0 => 0,
+            2 => 2,
+            3 => 9,
+            4 => 8,
+            b => panic!("kv.cu has no {b}-value block rotation"),
+        };
+        assert_eq!(R::params().len(), 128 / R::BLOCK.max(1) * per_block);
     }
 
     /// Quantizing the fork's test vectors (scripts/turbo_vectors.sh) with the fork's codebook

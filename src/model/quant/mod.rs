@@ -2,6 +2,8 @@
 //! Activations are quantized to 8 bits once per row (as ggml does); weights are read straight
 //! from the memory map; AVX2 integer dot products with a portable fallback.
 
+#[cfg(feature = "cuda")]
+pub mod device;
 mod kernels;
 
 use std::sync::Arc;
