@@ -175,6 +175,7 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
     const int i = threadIdx.x, lane = i & 31;
     if (i >= d) return;
     if (own) own[i] = val;
+    if (!row) return;
     uint8_t* b = row + (i / 32) * group_bytes(codec, 32);
     if (codec == C_Q8_0) {
         float amax = fabsf(val);
@@ -206,7 +207,8 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
     if (lane < 16) b[2 + lane] = (uint8_t)(q | (q_hi << 4));
 }
 
-// Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` with
+// Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` (null:
+// nowhere, for `own` alone) with
 // `codec` (turbo: codebook `cb` and its decision points `mids`, rotation `rot_blk`/`rot` as in
 // rotate_shared; src/kv/codec/turbo.rs's quantize_group). With `own` non-null also writes the
 // row in the codec's domain at full precision (for the decode step's own position). Every
@@ -221,7 +223,7 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     const int i = threadIdx.x;
     if (codec == C_F16) {
         if (i < d) {
-            put_half(row + 2 * i, val);
+            if (row) put_half(row + 2 * i, val);
             if (own) own[i] = val;
         }
         return;
@@ -243,7 +245,7 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
         if (own) own[i] = norm * y;
     }
     __syncthreads();
-    if (i >= d) return;
+    if (i >= d || !row) return;
     uint8_t* grp = row + (i / g) * gb;
     if (o == 0) put_half(grp, corrected);
     if (codec == C_TURBO4) {
@@ -299,10 +301,10 @@ struct Store {
 // Stores head h's row for position p, value `val` in thread i < d of a block of d threads:
 // centered on the store's mean and weighted by its channel scales where it has them (the CPU
 // store's `write`, same float steps), then a sink row for p < n_sink, else quantized into the
-// ring (store_row). `own` (nullable) gets the row in the codec's domain at full precision.
-// Every thread of the block must call it.
+// ring (store_row). `own` (nullable) gets the row in the codec's domain at full precision;
+// with `store` false only `own` is written. Every thread of the block must call it.
 __device__ void put_row(const Store& st, float val, int h, long long p, long long capacity,
-                        int d, float* __restrict__ own) {
+                        int d, float* __restrict__ own, bool store) {
     __shared__ float s[MAX_RD];
     const int i = threadIdx.x;
     const size_t c = (size_t)h * d + i;
@@ -313,13 +315,13 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
         __syncthreads();
         st.rotate(s, d, false);
         if (i < d) {
-            put_half(st.sink_at(h, p, i, d), s[i]);
+            if (store) put_half(st.sink_at(h, p, i, d), s[i]);
             if (own) own[i] = s[i];
         }
         return;
     }
-    store_row(val, st.ring_row(h, p, capacity), own, st.codec, d, st.cb, st.mids, st.n_mids,
-              st.rot_blk, st.rot);
+    store_row(val, store ? st.ring_row(h, p, capacity) : nullptr, own, st.codec, d, st.cb,
+              st.mids, st.n_mids, st.rot_blk, st.rot);
 }
 
 // Value v of head h's row for position p in the store's domain: its sink row or ring row.
@@ -341,7 +343,7 @@ extern "C" __global__ void kv_append(const float* __restrict__ x, float* __restr
     if ((long long)ti + capacity < (long long)gridDim.y) return;
     const size_t src = ((size_t)ti * n_kv + h) * d;
     put_row(STORE(st), i < d ? x[src + i] : 0.f, h, (long long)pos + ti, capacity, d,
-            own ? own + src : nullptr);
+            own ? own + src : nullptr, true);
 }
 
 // RoPE of one head held in shared memory `s` (hd values) at position p, as kv_rope computes it.
@@ -370,13 +372,15 @@ __device__ void rope_shared(float* s, const float* __restrict__ inv_freq, int hd
 // them into K's domain when K's codec rotates, scale them into q_out; the next n_kv blocks rope
 // K (k [n_kv, d]) and store it at `pos`, the last n_kv store V (put_row); own_k / own_v get the
 // step's rows at full precision in the stores' domains. `inv_freq` null: q and k come roped.
+// `store` 0: the stores are only read (a shared-KV layer, or the layer whose store it reads,
+// which stores the step after them), own_k / own_v are still written.
 // (Centering shifts every score of a query by the same q·μ, the step's own included, so the
 // softmax needs no correction; V's mean is added back after the merge.)
 extern "C" __global__ void kv_step(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ inv_freq, int neox, int pos, float* __restrict__ q_out,
     float scale, int n_head, int n_kv, int d, long long capacity, float* __restrict__ own_k,
-    float* __restrict__ own_v, STORE_PARAMS(k), STORE_PARAMS(v)) {
+    float* __restrict__ own_v, int store, STORE_PARAMS(k), STORE_PARAMS(v)) {
     __shared__ float x[MAX_RD];
     const int blk = blockIdx.x, i = threadIdx.x;
     const bool is_q = blk < n_head, is_k = !is_q && blk < n_head + n_kv;
@@ -385,12 +389,14 @@ extern "C" __global__ void kv_step(
     if (i < d) x[i] = src[i];
     __syncthreads();
     if (!is_q && !is_k) {
-        put_row(STORE(v), i < d ? x[i] : 0.f, h, pos, capacity, d, own_v + (size_t)h * d);
+        put_row(STORE(v), i < d ? x[i] : 0.f, h, pos, capacity, d, own_v + (size_t)h * d,
+                store != 0);
         return;
     }
     if (inv_freq) rope_shared(x, inv_freq, d, pos, neox != 0);
     if (is_k) {
-        put_row(STORE(k), i < d ? x[i] : 0.f, h, pos, capacity, d, own_k + (size_t)h * d);
+        put_row(STORE(k), i < d ? x[i] : 0.f, h, pos, capacity, d, own_k + (size_t)h * d,
+                store != 0);
         return;
     }
     if (i < d && k_cscale) x[i] = x[i] / k_cscale[(size_t)(h / (n_head / n_kv)) * d + i];

@@ -5,8 +5,8 @@
 //! rotated back once per head), and prefill dequantizes the past tile by tile for a
 //! flash-attention kernel (`prefill`). Types with kernels: f16, turbo4, turbo3, turbo2, q8_0,
 //! q4_0, and the RotorQuant family (rotor, iso, planar) as turbo4/turbo3 rows under their own
-//! block rotations. SpectralQuant, and architectures with shared-KV layers, keep their cache
-//! in host memory and attend on the CPU.
+//! block rotations. Shared-KV layers attend over their source layer's device store
+//! ([`attend`]). SpectralQuant keeps its cache in host memory and attends on the CPU.
 //!
 //! Stores center their rows as the CPU store does: turbo rows on the calibrated per-head means,
 //! K's channels weighted, the first positions kept as f16 sink rows in the codec's domain
@@ -414,7 +414,20 @@ pub fn attention(
     };
     // The calibration pass (query energies kept) takes the prefill path even for one token.
     if t == 1 && cache.query_moments.is_none() {
-        return decode(&dev, cache, &q, &k, &v, rope, &step);
+        let geom = Geometry::of(cache);
+        let rows = Rows::Write(
+            cache
+                .k
+                .gpu
+                .as_mut()
+                .context("layer cache is not on the GPU")?,
+            cache
+                .v
+                .gpu
+                .as_mut()
+                .context("layer cache is not on the GPU")?,
+        );
+        return decode(&dev, rows, geom, &q, &k, &v, rope, &step);
     }
     if let Some(moments) = cache.query_moments.as_mut() {
         moments.add(&q.flatten_all()?.to_vec1::<f32>()?, n_head);
@@ -433,41 +446,104 @@ pub fn attention(
     Ok(out)
 }
 
+/// Causal attention as [`attention`] without storing: for a layer whose store shared-KV layers
+/// read (it stores the chunk once they are done, [`append_chunk`]) and for those layers. `q` and
+/// `k` come roped; the chunk's K/V take part at full precision.
+pub fn attend(
+    cache: &LayerCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    n_head: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = cuda(q)?;
+    let t = q.dims2()?.0 / n_head;
+    if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
+        bail!(
+            "context overflow: position {} exceeds the cache's {} cells",
+            pos + t,
+            cache.k.capacity
+        );
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let lo = cache
+        .sliding_window
+        .map_or(0, |w| (pos + 1).saturating_sub(w));
+    let step = Step {
+        pos,
+        lo,
+        n_head,
+        scale,
+    };
+    if t == 1 {
+        let rows = Rows::Read(gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
+        return decode(&dev, rows, Geometry::of(cache), &q, &k, &v, None, &step);
+    }
+    prefill::attend(&dev, cache, &q, &k, &v, &step, None)
+}
+
+/// Stores a chunk's roped K and V [t · n_kv, hd] at positions `pos..` (after [`attend`]).
+pub fn append_chunk(cache: &mut LayerCache, k: &Tensor, v: &Tensor, pos: usize) -> Result<()> {
+    let dev = cuda(k)?;
+    let t = k.dims2()?.0 / cache.k.n_kv_head;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
+    store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
+    store_rows(&dev, &mut cache.v, &vi, None, t, pos)
+}
+
+/// A layer's K and V stores for one decode step: written (the step stored) or only read.
+enum Rows<'a> {
+    Write(&'a mut DeviceRows, &'a mut DeviceRows),
+    Read(&'a DeviceRows, &'a DeviceRows),
+}
+
+/// Head dim, KV heads and ring capacity of a layer's stores.
+#[derive(Clone, Copy)]
+struct Geometry {
+    hd: usize,
+    n_kv: usize,
+    capacity: usize,
+}
+
+impl Geometry {
+    fn of(cache: &LayerCache) -> Self {
+        Self {
+            hd: cache.head_dim,
+            n_kv: cache.k.n_kv_head,
+            capacity: cache.k.capacity,
+        }
+    }
+}
+
 /// One query per head, in three launches: `kv_step` (rope, the query into K's domain, the
-/// step's K/V stored and kept at full precision in the stores' domains), flash-decoding
-/// partials over the past on tensor cores, and their merge with the positions the stores keep
-/// as sink rows and the own position (V rotated back, its mean added).
+/// step's K/V stored unless the stores are only read, and kept at full precision in the
+/// stores' domains), flash-decoding partials over the past on tensor cores, and their merge
+/// with the positions the stores keep as sink rows and the own position (V rotated back, its
+/// mean added).
+#[allow(clippy::too_many_arguments)]
 fn decode(
     dev: &CudaDevice,
-    cache: &mut LayerCache,
+    mut rows: Rows,
+    geom: Geometry,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     rope: Option<&Rotary>,
     step: &Step,
 ) -> Result<Tensor> {
-    let (hd, n_kv, n_head) = (cache.head_dim, cache.k.n_kv_head, step.n_head);
+    let (hd, n_kv, n_head) = (geom.hd, geom.n_kv, step.n_head);
     let group = n_head / n_kv;
     let mut own_k = scratch(dev, n_kv * hd)?;
     let mut own_v = scratch(dev, n_kv * hd)?;
     let mut q_prep = scratch(dev, n_head * hd)?;
-    let cap = cache.k.capacity as i64;
+    let cap = geom.capacity as i64;
     let null = 0u64;
     let (qi, ki, vi) = (Input::of(q)?, Input::of(k)?, Input::of(v)?);
     let freqs = rope.map(|r| Input::of(r.inv_freq)).transpose()?;
     {
-        let (kr, vr) = (
-            cache
-                .k
-                .gpu
-                .as_mut()
-                .context("layer cache is not on the GPU")?,
-            cache
-                .v
-                .gpu
-                .as_mut()
-                .context("layer cache is not on the GPU")?,
-        );
         let f = func(dev, "kv_step")?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -490,15 +566,28 @@ fn decode(
             .arg(&cap)
             .arg(&mut own_k)
             .arg(&mut own_v);
-        kr.push_mut(&mut b, &null);
-        vr.push_mut(&mut b, &null);
+        let store = matches!(rows, Rows::Write(..)) as i32;
+        b.arg(&store);
+        match &mut rows {
+            Rows::Write(kr, vr) => {
+                kr.push_mut(&mut b, &null);
+                vr.push_mut(&mut b, &null);
+            }
+            Rows::Read(kr, vr) => {
+                kr.push(&mut b, &null);
+                vr.push(&mut b, &null);
+            }
+        }
         let blocks = (n_head + 2 * n_kv) as u32;
         // SAFETY: argument types and order match `kv_step`; the stores hold n_kv · capacity
         // rows, q_prep n_head · hd values, own_k/own_v n_kv · hd.
         unsafe { b.launch(launch_cfg((blocks, 1), hd as u32)) }?;
     }
     drop((qi, ki, vi, freqs));
-    let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
+    let (kr, vr): (&DeviceRows, &DeviceRows) = match &rows {
+        Rows::Write(k, v) => (k, v),
+        Rows::Read(k, v) => (k, v),
+    };
     // Positions below either store's sink count go to the merge, the rest to the partials.
     let x_hi = step
         .pos

@@ -363,18 +363,27 @@ pub fn gpu_kernel_type(ty: CacheType) -> Option<CacheType> {
 }
 
 /// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
-/// kernels, no layer shares another's K/V (those attend on the host), head_dim is one the
-/// kernels read (64, 128 or 256) and the GQA group fits (≤ 8 queries). Such stores center
-/// and keep sink rows as host stores do.
+/// kernels, head_dim is one the kernels read (64, 128 or 256) and the GQA group fits (≤ 8
+/// queries) — in every layer where some layers read others' K/V (Gemma 3n/4's shared tail: all
+/// on the GPU or none), and no layer is attention-free. Such stores center and keep sink rows
+/// as host stores do.
 pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheType) -> bool {
-    let g = &arch.layers[il];
-    let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some() || !arch.stores_kv(j));
+    let fits = |j: usize| {
+        let g = &arch.layers[j];
+        matches!(g.head_dim, 64 | 128 | 256)
+            && g.n_head.is_multiple_of(g.n_kv_head)
+            && g.n_head / g.n_kv_head <= 8
+    };
+    let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some());
+    let no_attention = (0..arch.n_layer).any(|j| !arch.stores_kv(j) && arch.kv_source(j).is_none());
     gpu_kernel_type(k).is_some()
         && gpu_kernel_type(v).is_some()
-        && !shared_kv
-        && matches!(g.head_dim, 64 | 128 | 256)
-        && g.n_head.is_multiple_of(g.n_kv_head)
-        && g.n_head / g.n_kv_head <= 8
+        && !no_attention
+        && if shared_kv {
+            (0..arch.n_layer).all(fits)
+        } else {
+            fits(il)
+        }
 }
 
 /// Whether layer `il` keeps its K/V in `device`'s memory ([`layer_on_gpu`] on a CUDA device).

@@ -14,9 +14,39 @@ pub enum KvAccess<'a> {
     Own(&'a mut LayerCache),
     /// Its own cache, read by shared-KV layers later in the pass: attend and hand the chunk's
     /// K/V back; the caller stores them once the readers are done.
-    Source(&'a LayerCache, &'a mut Option<(Vec<f32>, Vec<f32>)>),
+    Source(&'a LayerCache, &'a mut Option<ChunkKv>),
     /// Another layer's cache and chunk K/V (a shared-KV layer computes no K/V).
-    Shared(&'a LayerCache, &'a (Vec<f32>, Vec<f32>)),
+    Shared(&'a LayerCache, &'a ChunkKv),
+}
+
+#[cfg(feature = "cuda")]
+impl KvAccess<'_> {
+    fn cache(&self) -> &LayerCache {
+        match self {
+            KvAccess::Own(c) => c,
+            KvAccess::Source(c, _) | KvAccess::Shared(c, _) => c,
+        }
+    }
+}
+
+/// A chunk's roped K and V [t · n_kv, hd], kept for the shared-KV layers that read them and
+/// stored after the pass: on the host, or on the GPU where the store is.
+pub enum ChunkKv {
+    Host(Vec<f32>, Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Device(Tensor, Tensor),
+}
+
+impl ChunkKv {
+    /// Stores the chunk at positions `pos..`.
+    pub fn store(self, cache: &mut LayerCache, pos: usize) -> Result<()> {
+        match self {
+            ChunkKv::Host(k, v) => kv::append(cache, &k, &v, pos),
+            #[cfg(feature = "cuda")]
+            ChunkKv::Device(k, v) => kv::device::append_chunk(cache, &k, &v, pos)?,
+        }
+        Ok(())
+    }
 }
 
 pub struct SelfAttention {
@@ -86,18 +116,15 @@ impl SelfAttention {
     /// As `forward`, reaching the cache as `kv` says.
     pub fn forward_kv(&self, x: &Tensor, kv: KvAccess, pos: usize) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let KvAccess::Own(cache) = kv {
-            if cache.k.on_device() {
-                return self.forward_gpu(x, cache, pos);
-            }
-            return self.forward_host(x, KvAccess::Own(cache), pos);
+        if kv.cache().k.on_device() {
+            return self.forward_gpu(x, kv, pos);
         }
         self.forward_host(x, kv, pos)
     }
 
     /// The layer on the GPU with its cache there: nothing leaves the device.
     #[cfg(feature = "cuda")]
-    fn forward_gpu(&self, x: &Tensor, cache: &mut LayerCache, pos: usize) -> Result<Tensor> {
+    fn forward_gpu(&self, x: &Tensor, kv: KvAccess, pos: usize) -> Result<Tensor> {
         let t = x.dim(0)?;
         let hd = self.head_dim;
         let freqs = self
@@ -111,29 +138,46 @@ impl SelfAttention {
                 None => y,
             })
         };
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("a shared-KV layer was asked for its own K/V"))?;
-        let q = heads(q, self.n_head, &self.q_norm)?;
-        let k = heads(k, self.n_kv_head, &self.k_norm)?;
-        let v = heads(v, self.n_kv_head, &self.v_norm)?;
-        let rope = kv::device::Rotary {
-            inv_freq: freqs,
-            neox: self.rope.neox(),
-        };
-        let out = kv::device::attention(
-            cache,
-            &q,
-            &k,
-            &v,
-            Some(&rope),
-            pos,
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let q = heads(
+            qkv.next().context("no Q projection")?,
             self.n_head,
-            self.scale,
-            None,
+            &self.q_norm,
         )?;
+        let mut own_kv = || -> Result<(Tensor, Tensor)> {
+            let (Some(k), Some(v)) = (qkv.next(), qkv.next()) else {
+                bail!("a shared-KV layer was asked for its own K/V");
+            };
+            let k = heads(k, self.n_kv_head, &self.k_norm)?;
+            Ok((k, heads(v, self.n_kv_head, &self.v_norm)?))
+        };
+        let neox = self.rope.neox();
+        let rope = |y: &Tensor, n: usize| kv::device::rope(y, freqs, n, pos, neox);
+        let (n_head, scale) = (self.n_head, self.scale);
+        let out = match kv {
+            KvAccess::Own(cache) => {
+                let (k, v) = own_kv()?;
+                let rotary = kv::device::Rotary {
+                    inv_freq: freqs,
+                    neox,
+                };
+                kv::device::attention(cache, &q, &k, &v, Some(&rotary), pos, n_head, scale, None)?
+            }
+            KvAccess::Source(cache, stash) => {
+                let (k, v) = own_kv()?;
+                let k = rope(&k, self.n_kv_head)?;
+                let out =
+                    kv::device::attend(cache, &rope(&q, n_head)?, &k, &v, pos, n_head, scale)?;
+                *stash = Some(ChunkKv::Device(k, v));
+                out
+            }
+            KvAccess::Shared(cache, ChunkKv::Device(k, v)) => {
+                kv::device::attend(cache, &rope(&q, n_head)?, k, v, pos, n_head, scale)?
+            }
+            KvAccess::Shared(_, ChunkKv::Host(..)) => {
+                bail!("a shared-KV layer on the GPU was handed its source's K/V on the host")
+            }
+        };
         self.o.forward(&out)
     }
 
@@ -171,11 +215,15 @@ impl SelfAttention {
             KvAccess::Source(cache, stash) => {
                 let (k, v) = own_kv()?;
                 let out = kv::attend(cache, &q, &k, &v, pos, self.n_head, self.scale)?;
-                *stash = Some((k, v));
+                *stash = Some(ChunkKv::Host(k, v));
                 out
             }
-            KvAccess::Shared(cache, (k, v)) => {
+            KvAccess::Shared(cache, ChunkKv::Host(k, v)) => {
                 kv::attend(cache, &q, k, v, pos, self.n_head, self.scale)?
+            }
+            #[cfg(feature = "cuda")]
+            KvAccess::Shared(_, ChunkKv::Device(..)) => {
+                bail!("a shared-KV layer on the host was handed its source's K/V on the GPU")
             }
         };
         let out = Tensor::from_vec(out, (t, self.n_head * hd), x.device())?;

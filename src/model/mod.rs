@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 
 use crate::kv::KvCache;
 use arch::{ArchKind, ModelArchitecture};
-use attn::KvAccess;
+use attn::{ChunkKv, KvAccess};
 use gemma::GemmaBlock;
 use gemma3n::{AltUpEnds, Gemma3nBlock};
 use gemma4::Gemma4Block;
@@ -262,7 +262,7 @@ impl Model {
             None => None,
         };
         // Chunk K/V of layers that shared-KV layers read, stored after the whole pass.
-        let mut stash: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; self.blocks.len()];
+        let mut stash: Vec<Option<ChunkKv>> = (0..self.blocks.len()).map(|_| None).collect();
         let mut streams = match &self.altup {
             Some(a) => a.spread(&x)?,
             None => Vec::new(),
@@ -301,8 +301,8 @@ impl Model {
             x = a.merge(&streams)?;
         }
         for (il, kv) in stash.into_iter().enumerate() {
-            if let Some((k, v)) = kv {
-                crate::kv::append(&mut cache.layers[il], &k, &v, pos);
+            if let Some(chunk) = kv {
+                chunk.store(&mut cache.layers[il], pos)?;
             }
         }
         cache.len = pos + tokens.len();
