@@ -26,6 +26,8 @@ fn run(ty: CacheType, kl: KlMode) -> (f64, Option<f64>) {
     (r.ppl, r.kl.map(|k| k.mean))
 }
 
+/// Against one f16 base: the TurboQuant-layout types order by bits and stay inside their bounds,
+/// and SpectralQuant's loss stays under the fork's turbo4 loss (+10.9% over 40 chunks).
 #[test]
 fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
     let base = std::env::temp_dir().join(format!("dh-kv-codecs-{}.kld", std::process::id()));
@@ -38,6 +40,7 @@ fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
         (CacheType::Turbo4, 0.06),
         (CacheType::Turbo3, 0.20),
         (CacheType::Turbo2, 1.0),
+        (CacheType::Spectral4, 0.109),
     ] {
         let (ppl, k) = run(ty, KlMode::Compare(&base));
         let rel = ppl / f16 - 1.0;
@@ -51,7 +54,9 @@ fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
             "{ty}: PPL {ppl} is {:+.2}% over f16",
             100.0 * rel
         );
-        kld.push(k);
+        if ty.is_turbo() || ty == CacheType::Q8_0 {
+            kld.push(k);
+        }
     }
     std::fs::remove_file(&base).unwrap();
     assert!(
@@ -61,10 +66,9 @@ fn smollm2_codecs_rank_by_bits_and_stay_close_to_f16() {
 }
 
 /// SpectralQuant through the binary: the first load measures each head's spectrum and saves
-/// it, the second reads it back and generates the same tokens; and its perplexity loss stays
-/// under the fork's turbo4 loss (+10.9% over 40 chunks).
+/// it, the second reads it back and generates the same tokens.
 #[test]
-fn spectral_calibration_is_saved_reused_and_spectral4_beats_the_forks_turbo4() {
+fn spectral_calibration_is_saved_and_reused() {
     let calib = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("smollm2-kv-codecs.kv-calibration.safetensors");
     let _ = std::fs::remove_file(&calib);
@@ -95,16 +99,4 @@ fn spectral_calibration_is_saved_reused_and_spectral4_beats_the_forks_turbo4() {
     let (second, log2) = generate();
     assert!(log2.contains("per-head spectra read from"), "{log2}");
     assert_eq!(first, second);
-
-    let base = std::env::temp_dir().join(format!("dh-spectral-{}.kld", std::process::id()));
-    let (f16, _) = run(CacheType::F16, KlMode::WriteBase(&base));
-    let (ppl, kld) = run(CacheType::Spectral4, KlMode::Compare(&base));
-    std::fs::remove_file(&base).unwrap();
-    let rel = ppl / f16 - 1.0;
-    eprintln!(
-        "spectral4: PPL {ppl:.4} ({:+.2}% vs f16), mean KLD {:.5}",
-        100.0 * rel,
-        kld.unwrap()
-    );
-    assert!(rel < 0.109, "spectral4 loses {:+.2}%", 100.0 * rel);
 }
