@@ -347,6 +347,28 @@ struct Step {
     scale: f32,
 }
 
+impl Step {
+    /// The step of `t` queries at `pos` over `cache`; a context overflow is an error.
+    fn new(cache: &LayerCache, t: usize, pos: usize, n_head: usize, scale: f32) -> Result<Self> {
+        if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
+            bail!(
+                "context overflow: position {} exceeds the cache's {} cells",
+                pos + t,
+                cache.k.capacity
+            );
+        }
+        let lo = cache
+            .sliding_window
+            .map_or(0, |w| (pos + 1).saturating_sub(w));
+        Ok(Self {
+            pos,
+            lo,
+            n_head,
+            scale,
+        })
+    }
+}
+
 fn gpu_rows(store: &RowStore) -> Result<&DeviceRows> {
     store.gpu.as_ref().context("layer cache is not on the GPU")
 }
@@ -395,23 +417,8 @@ pub fn attention(
 ) -> Result<Tensor> {
     let dev = cuda(q)?;
     let t = q.dims2()?.0 / n_head;
-    if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
-        bail!(
-            "context overflow: position {} exceeds the cache's {} cells",
-            pos + t,
-            cache.k.capacity
-        );
-    }
+    let step = Step::new(cache, t, pos, n_head, scale)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let lo = cache
-        .sliding_window
-        .map_or(0, |w| (pos + 1).saturating_sub(w));
-    let step = Step {
-        pos,
-        lo,
-        n_head,
-        scale,
-    };
     // The calibration pass (query energies kept) takes the prefill path even for one token.
     if t == 1 && cache.query_moments.is_none() {
         let geom = Geometry::of(cache);
@@ -460,23 +467,8 @@ pub fn attend(
 ) -> Result<Tensor> {
     let dev = cuda(q)?;
     let t = q.dims2()?.0 / n_head;
-    if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
-        bail!(
-            "context overflow: position {} exceeds the cache's {} cells",
-            pos + t,
-            cache.k.capacity
-        );
-    }
+    let step = Step::new(cache, t, pos, n_head, scale)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let lo = cache
-        .sliding_window
-        .map_or(0, |w| (pos + 1).saturating_sub(w));
-    let step = Step {
-        pos,
-        lo,
-        n_head,
-        scale,
-    };
     if t == 1 {
         let rows = Rows::Read(gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
         return decode(&dev, rows, Geometry::of(cache), &q, &k, &v, None, &step);
