@@ -373,6 +373,10 @@ fn gpu_rows(store: &RowStore) -> Result<&DeviceRows> {
     store.gpu.as_ref().context("layer cache is not on the GPU")
 }
 
+fn gpu_rows_mut(store: &mut RowStore) -> Result<&mut DeviceRows> {
+    store.gpu.as_mut().context("layer cache is not on the GPU")
+}
+
 /// Quantizes `x` [t · n_kv, hd] into `store` at `pos..`, as [`append`] does.
 fn store_rows(
     dev: &CudaDevice,
@@ -384,11 +388,15 @@ fn store_rows(
 ) -> Result<()> {
     let (cap, n_kv) = (store.capacity, store.n_kv_head);
     let d = x.values() / (t * n_kv);
-    let rows = store
-        .gpu
-        .as_mut()
-        .context("layer cache is not on the GPU")?;
-    append(dev, rows, &x.view()?, own, (t, n_kv, d), cap, pos)
+    append(
+        dev,
+        gpu_rows_mut(store)?,
+        &x.view()?,
+        own,
+        (t, n_kv, d),
+        cap,
+        pos,
+    )
 }
 
 /// RoPE for the queries and keys an attention call takes: frequencies [hd/2] on the device and
@@ -422,18 +430,7 @@ pub fn attention(
     // The calibration pass (query energies kept) takes the prefill path even for one token.
     if t == 1 && cache.query_moments.is_none() {
         let geom = Geometry::of(cache);
-        let rows = Rows::Write(
-            cache
-                .k
-                .gpu
-                .as_mut()
-                .context("layer cache is not on the GPU")?,
-            cache
-                .v
-                .gpu
-                .as_mut()
-                .context("layer cache is not on the GPU")?,
-        );
+        let rows = Rows::Write(gpu_rows_mut(&mut cache.k)?, gpu_rows_mut(&mut cache.v)?);
         return decode(&dev, rows, geom, &q, &k, &v, rope, &step);
     }
     if let Some(moments) = cache.query_moments.as_mut() {
