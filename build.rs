@@ -16,6 +16,7 @@ const DECODE_K: &[(&str, &str)] = &[
     ("turbo2", "C_TURBO2"),
     ("q8_0", "C_Q8_0"),
     ("q4_0", "C_Q4_0"),
+    ("spectral4", "C_SPECTRAL"),
 ];
 
 fn nvcc(src: &str, out: PathBuf, cap: &str, defines: &[String]) {

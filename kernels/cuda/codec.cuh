@@ -12,6 +12,7 @@
 #define C_TURBO2 3
 #define C_Q8_0 4
 #define C_Q4_0 5
+#define C_SPECTRAL 6
 
 __host__ __device__ constexpr bool is_turbo(int c) {
     return c == C_TURBO4 || c == C_TURBO3 || c == C_TURBO2;
@@ -20,10 +21,15 @@ __host__ __device__ constexpr bool is_turbo(int c) {
 // Turbo's rotation groups: 128 values where the head allows, else 64.
 __host__ __device__ constexpr int turbo_width(int d) { return d % 128 == 0 ? 128 : 64; }
 
-// Values sharing one scale: turbo's rotation groups, ggml's 32-value blocks (f16: any).
+// Values sharing one scale: turbo's rotation groups, ggml's 32-value blocks (f16: any);
+// SpectralQuant's groups vary per head, so the kernels take its whole row as one, unscaled.
 __host__ __device__ constexpr int group_width(int codec, int d) {
-    return is_turbo(codec) ? turbo_width(d) : 32;
+    return is_turbo(codec) ? turbo_width(d) : codec == C_SPECTRAL ? d : 32;
 }
+
+// Codecs whose lanes read a contiguous run of a row's values (turbo's packed codes, spectral's
+// bit stream) rather than ggml's interleaved blocks.
+__host__ __device__ constexpr bool lane_major(int c) { return is_turbo(c) || c == C_SPECTRAL; }
 
 __host__ __device__ constexpr int group_bytes(int codec, int g) {
     return codec == C_TURBO4   ? (g == 128 ? 4 : 2) + g / 2
@@ -31,6 +37,7 @@ __host__ __device__ constexpr int group_bytes(int codec, int g) {
            : codec == C_TURBO2 ? 2 + g / 4
            : codec == C_Q8_0   ? 2 + g
            : codec == C_Q4_0   ? 2 + g / 2
+           : codec == C_SPECTRAL ? 0  // one group a row: never stepped over
                                : 2 * g;
 }
 
@@ -49,4 +56,29 @@ __device__ __forceinline__ void put_half(uint8_t* p, float x) {
 __device__ __forceinline__ uint32_t u32_at(const uint8_t* p) {
     const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
     return h[0] | ((uint32_t)h[1] << 16);
+}
+
+// SpectralQuant (src/kv/codec/spectral.rs): a head's rows live in its own basis, in up to three
+// groups of coordinates with their own widths; a row is the groups' f16 scales, then the codes
+// LSB first. Each head has a table of spec_table(d) floats (spectral.rs's HeadBasis): per
+// coordinate a descriptor (u32 bits: bit position in the row, width << 16, group << 20), then
+// per group its scaled centroids (32 slots, from SPEC_LUT), its N(0, 1) decision points (32
+// slots, from SPEC_MIDS), (start, len, width, 0) at SPEC_META, and the group count at
+// SPEC_META + 12.
+#define SPEC_GROUPS 3
+#define SPEC_LUT(d) (d)
+#define SPEC_MIDS(d) ((d) + 32 * SPEC_GROUPS)
+#define SPEC_META(d) ((d) + 64 * SPEC_GROUPS)
+__host__ __device__ constexpr int spec_table(int d) { return d + 64 * SPEC_GROUPS + 16; }
+
+// Coordinate value of a spectral row with descriptor `desc` (its head's table entry), the
+// centroids at `lut`: the group's scale times its centroid. Reads up to one byte past the code
+// (rows keep slack after them).
+__device__ __forceinline__ float spectral_value(const uint8_t* row, uint32_t desc,
+                                                const float* lut) {
+    const int w = (desc >> 16) & 15;
+    if (w == 0) return 0.f;
+    const int bit = desc & 0xffff, grp = desc >> 20;
+    const uint32_t two = row[bit >> 3] | ((uint32_t)row[(bit >> 3) + 1] << 8);
+    return __fmul_rn(half_at(row + 2 * grp), lut[32 * grp + ((two >> (bit & 7)) & ((1 << w) - 1))]);
 }

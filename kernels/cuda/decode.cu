@@ -129,22 +129,27 @@ template <int C, int GW>
 struct KLane {
     Codes<C, GW / 4> c;
     uint32_t w[2];
+    const uint8_t* row;  // spectral: decoded value by value through the head's table (`cb`)
     __device__ __forceinline__ void load(const uint8_t* grp, int t) {
-        if constexpr (is_turbo(C)) {
+        if constexpr (C == C_SPECTRAL) {
+            row = grp;
+        } else if constexpr (is_turbo(C)) {
             c.load(grp, GW, (GW / 4) * t);
         } else {
             w[0] = u32_at(grp + 2 + 4 * t);
             if constexpr (C == C_Q8_0) w[1] = u32_at(grp + 18 + 4 * t);
         }
     }
-    __device__ __forceinline__ float at(int kk, int j, const float* cb) const {
-        if constexpr (is_turbo(C)) return cb[c.at(4 * kk + j)];
+    __device__ __forceinline__ float at(int kk, int j, const float* cb, int t) const {
+        if constexpr (C == C_SPECTRAL)
+            return spectral_value(row, __float_as_uint(cb[dim(kk, t) + j]), cb + GW);
+        else if constexpr (is_turbo(C)) return cb[c.at(4 * kk + j)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w[kk] >> (8 * j));
         // q4_0: byte j holds value j (low nibble) and j + 16 (high)
         else return (float)((int)((w[0] >> (8 * j + 4 * kk)) & 15) - 8);
     }
     static __device__ __forceinline__ int dim(int kk, int t) {
-        return is_turbo(C) ? (GW / 4) * t + 4 * kk : 16 * kk + 4 * t;
+        return lane_major(C) ? (GW / 4) * t + 4 * kk : 16 * kk + 4 * t;
     }
 };
 
@@ -154,8 +159,11 @@ template <int C, int GW>
 struct VLane {
     Codes<C, GW / 8> c;
     uint32_t w;
+    const uint8_t* row;
     __device__ __forceinline__ void load(const uint8_t* grp, int g) {
-        if constexpr (is_turbo(C)) {
+        if constexpr (C == C_SPECTRAL) {
+            row = grp;
+        } else if constexpr (is_turbo(C)) {
             c.load(grp, GW, (GW / 8) * g);
         } else {
             const unsigned short* h = reinterpret_cast<const unsigned short*>(grp + 2 + 2 * g);
@@ -163,19 +171,28 @@ struct VLane {
             if constexpr (C == C_Q8_0) w |= (uint32_t)h[8] << 16;
         }
     }
-    __device__ __forceinline__ float at(int mt, int hi, const float* cb) const {
-        if constexpr (is_turbo(C)) return cb[c.at(2 * mt + hi)];
+    __device__ __forceinline__ float at(int mt, int hi, const float* cb, int g) const {
+        if constexpr (C == C_SPECTRAL)
+            return spectral_value(row, __float_as_uint(cb[dim(mt, g, hi)]), cb + GW);
+        else if constexpr (is_turbo(C)) return cb[c.at(2 * mt + hi)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w >> (16 * mt + 8 * hi));
         else return (float)((int)((w >> (8 * hi + 4 * mt)) & 15) - 8);
     }
     static __device__ __forceinline__ int dim(int mt, int g, int hi) {
-        return is_turbo(C) ? (GW / 8) * g + 2 * mt + hi : 16 * mt + 2 * g + hi;
+        return lane_major(C) ? (GW / 8) * g + 2 * mt + hi : 16 * mt + 2 * g + hi;
     }
 };
 
+// Floats of a codec's codebook in a decoding block's shared memory: turbo's 16 centroids, or a
+// spectral head's descriptors and centroids.
+__host__ __device__ constexpr int cb_floats(int c, int d) {
+    return c == C_SPECTRAL ? SPEC_MIDS(d) : 16;
+}
+
 // A decoding block's shared memory besides the staged rows.
+template <int D, int KC, int VC>
 struct DecodeShared {
-    float kcb[16], vcb[16];
+    float kcb[cb_floats(KC, D)], vcb[cb_floats(VC, D)];
     float p[DEC_SPLIT * MAX_Q];  // [row][query]: scores, then weights
     float q[MAX_Q * MAX_AD];  // the queries, until they are in registers
 };
@@ -196,7 +213,7 @@ __device__ __forceinline__ void attn_partial(
     const uint8_t* __restrict__ v_rows, int k_rb, int v_rb, const float* __restrict__ k_cb,
     const float* __restrict__ v_cb, long long capacity, int first, int n,
     float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ part_acc,
-    int n_q, int split, DecodeShared& sh, uint8_t* stage) {
+    int n_q, int split, DecodeShared<D, KC, VC>& sh, uint8_t* stage) {
     constexpr int KGW = group_width(KC, D), KS = KGW / 16, KGB = group_bytes(KC, KGW);
     constexpr int VGW = group_width(VC, D), MT = VGW / 16, VGB = group_bytes(VC, VGW);
     const int kvh = blockIdx.x, part = blockIdx.y, slots = gridDim.y;
@@ -207,10 +224,11 @@ __device__ __forceinline__ void attn_partial(
     const Staged ks = stage_rows(stage, k_rows + head * k_rb, k_rb, capacity, slot0, len);
     const Staged vs = stage_rows(stage + staged_size(split, k_rb), v_rows + head * v_rb, v_rb,
                                  capacity, slot0, len);
-    if (tid < 16) {
-        sh.kcb[tid] = k_cb[tid];
-        sh.vcb[tid] = v_cb[tid];
-    }
+    // Spectral tables are per head: this block's.
+    const float* kt = KC == C_SPECTRAL ? k_cb + (size_t)kvh * spec_table(D) : k_cb;
+    const float* vt = VC == C_SPECTRAL ? v_cb + (size_t)kvh * spec_table(D) : v_cb;
+    for (int i = tid; i < cb_floats(KC, D); i += blockDim.x) sh.kcb[i] = kt[i];
+    for (int i = tid; i < cb_floats(VC, D); i += blockDim.x) sh.vcb[i] = vt[i];
     for (int i = tid; i < MAX_Q * D; i += blockDim.x)
         sh.q[i] = i < n_q * D ? q[(size_t)kvh * n_q * D + i] : 0.f;
     __syncthreads();
@@ -257,13 +275,15 @@ __device__ __forceinline__ void attn_partial(
 #pragma unroll
                 for (int kk = 0; kk < KS; kk++) {
                     const uint32_t a[4] = {
-                        pack_half2(la.at(kk, 0, sh.kcb), la.at(kk, 1, sh.kcb)),
-                        pack_half2(lb.at(kk, 0, sh.kcb), lb.at(kk, 1, sh.kcb)),
-                        pack_half2(la.at(kk, 2, sh.kcb), la.at(kk, 3, sh.kcb)),
-                        pack_half2(lb.at(kk, 2, sh.kcb), lb.at(kk, 3, sh.kcb))};
+                        pack_half2(la.at(kk, 0, sh.kcb, t), la.at(kk, 1, sh.kcb, t)),
+                        pack_half2(lb.at(kk, 0, sh.kcb, t), lb.at(kk, 1, sh.kcb, t)),
+                        pack_half2(la.at(kk, 2, sh.kcb, t), la.at(kk, 3, sh.kcb, t)),
+                        pack_half2(lb.at(kk, 2, sh.kcb, t), lb.at(kk, 3, sh.kcb, t))};
                     mma16816(c, a, qb[gi * KS + kk][0], qb[gi * KS + kk][1]);
                 }
-                const float na = half_at(ga), nb = half_at(gb);
+                // (spectral values come scaled)
+                const float na = KC == C_SPECTRAL ? 1.f : half_at(ga);
+                const float nb = KC == C_SPECTRAL ? 1.f : half_at(gb);
                 s[0] += na * c[0];
                 s[1] += na * c[1];
                 s[2] += nb * c[2];
@@ -332,16 +352,16 @@ __device__ __forceinline__ void attn_partial(
                 for (int k = 0; k < 4; k++) {
                     const uint8_t* grp = vs.row(rr[k]) + gi * VGB;
                     c[k].load(grp, g);
-                    wn[k] = w[k] * half_at(grp);
+                    wn[k] = VC == C_SPECTRAL ? w[k] : w[k] * half_at(grp);
                 }
                 const uint32_t b0 = pack_half2(wn[0], wn[1]), b1 = pack_half2(wn[2], wn[3]);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     const uint32_t a[4] = {
-                        pack_half2(c[0].at(mt, 0, sh.vcb), c[1].at(mt, 0, sh.vcb)),
-                        pack_half2(c[0].at(mt, 1, sh.vcb), c[1].at(mt, 1, sh.vcb)),
-                        pack_half2(c[2].at(mt, 0, sh.vcb), c[3].at(mt, 0, sh.vcb)),
-                        pack_half2(c[2].at(mt, 1, sh.vcb), c[3].at(mt, 1, sh.vcb))};
+                        pack_half2(c[0].at(mt, 0, sh.vcb, g), c[1].at(mt, 0, sh.vcb, g)),
+                        pack_half2(c[0].at(mt, 1, sh.vcb, g), c[1].at(mt, 1, sh.vcb, g)),
+                        pack_half2(c[2].at(mt, 0, sh.vcb, g), c[3].at(mt, 0, sh.vcb, g)),
+                        pack_half2(c[2].at(mt, 1, sh.vcb, g), c[3].at(mt, 1, sh.vcb, g))};
                     mma16816(o[gi * MT + mt], a, b0, b1);
                 }
             }
@@ -383,7 +403,7 @@ __device__ __forceinline__ void attn_partial(
             const float* q, const uint8_t* k_rows, const uint8_t* v_rows, int k_rb, int v_rb,  \
             const float* k_cb, const float* v_cb, long long capacity, int first, int n,        \
             float* part_max, float* part_sum, float* part_acc, int n_q, int split) {           \
-        __shared__ DecodeShared sh;                                                            \
+        __shared__ DecodeShared<D, KC, VC> sh;                                                 \
         extern __shared__ __align__(16) uint8_t stage[];                                       \
         attn_partial<D, KC, VC>(q, k_rows, v_rows, k_rb, v_rb, k_cb, v_cb, capacity, first, n, \
                                 part_max, part_sum, part_acc, n_q, split, sh, stage);          \
@@ -397,7 +417,8 @@ __device__ __forceinline__ void attn_partial(
     ATTN_PARTIAL(D, DEC_KN, DEC_KC, turbo3, C_TURBO3)      \
     ATTN_PARTIAL(D, DEC_KN, DEC_KC, turbo2, C_TURBO2)      \
     ATTN_PARTIAL(D, DEC_KN, DEC_KC, q8_0, C_Q8_0)          \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, q4_0, C_Q4_0)
+    ATTN_PARTIAL(D, DEC_KN, DEC_KC, q4_0, C_Q4_0)          \
+    ATTN_PARTIAL(D, DEC_KN, DEC_KC, spectral4, C_SPECTRAL)
 
 ATTN_PARTIAL_V(64)
 ATTN_PARTIAL_V(128)

@@ -24,10 +24,12 @@ __constant__ float SIGNS2[128] = {
     -1, 1, -1, 1, 1, -1, 1, -1, -1, -1, -1, 1, -1, -1, 1, -1, 1, -1, 1, 1, 1, -1, -1, 1, -1, 1, -1,
     1, 1, -1, -1, 1, -1, 1, -1, 1, 1, -1, 1, -1, 1, -1, -1, -1, -1, -1, 1, -1};
 
-// Value v of a stored row, in the codec's domain (rotated for turbo).
+// Value v of a stored row, in the codec's domain (rotated for turbo, in its head's basis for
+// spectral, whose head table `cb` is).
 __device__ __forceinline__ float value_at(int codec, const uint8_t* row, int v, int d,
                                           const float* cb) {
     if (codec == C_F16) return half_at(row + 2 * v);
+    if (codec == C_SPECTRAL) return spectral_value(row, __float_as_uint(cb[v]), cb + SPEC_LUT(d));
     const int g = group_width(codec, d), o = v % g;
     const uint8_t* grp = row + (v / g) * group_bytes(codec, g);
     const float scale = half_at(grp);
@@ -135,6 +137,33 @@ __device__ __forceinline__ void rotate_shared(float* s, int d, bool inverse, int
         wht_shared(s, d, inverse);
     else
         rotate_blocks(s, d, inverse, blk, rot);
+}
+
+// A row in shared memory `s` (d values, one per thread of the block) into a head's basis `vt`
+// [d, d] (y = vt·x) or back (x = vtᵀ·y), with spectral.rs's float steps so stored bytes match:
+// forward as src/kv/codec/mod.rs's dot_f32 (eight running sums, then added in order), back as
+// its Fit::inverse (each nonzero coordinate's basis row added in turn).
+__device__ void basis_shared(float* s, int d, bool inverse, const float* __restrict__ vt) {
+    const int i = threadIdx.x;
+    float y = 0.f;
+    __syncthreads();
+    if (i < d) {
+        if (!inverse) {
+            const float* r = vt + (size_t)i * d;
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int c = 0; c < d; c += 8)
+#pragma unroll
+                for (int l = 0; l < 8; l++) acc[l] = __fadd_rn(acc[l], __fmul_rn(r[c + l], s[c + l]));
+#pragma unroll
+            for (int l = 0; l < 8; l++) y = __fadd_rn(y, acc[l]);
+        } else {
+            for (int r = 0; r < d; r++)
+                if (s[r] != 0.f) y = __fadd_rn(y, __fmul_rn(s[r], vt[(size_t)r * d + i]));
+        }
+    }
+    __syncthreads();
+    if (i < d) s[i] = y;
+    __syncthreads();
 }
 
 // Sum of `x` over each group of `g` threads (g = 64 or 128), the same value in every thread of
@@ -264,11 +293,70 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     }
 }
 
+// Quantizes one spectral row (spectral.rs's quantize_row, same float steps), value `val` in
+// thread i < d of a block of ≥ d threads, into `row` (rb bytes; null: nowhere) with its head's
+// table `tab` and basis `vt`; `own` (nullable) gets the row in the basis at full precision.
+// Every thread of the block must call it.
+__device__ void store_spectral(float val, uint8_t* __restrict__ row, float* __restrict__ own,
+                               int d, int rb, const float* __restrict__ tab,
+                               const float* __restrict__ vt) {
+    __shared__ float y[MAX_RD];
+    __shared__ float g_norm[SPEC_GROUPS], g_inv[SPEC_GROUPS];
+    __shared__ uint8_t codes[MAX_RD];
+    __shared__ uint32_t words[(MAX_RD * 5 + 16 * SPEC_GROUPS) / 32 + 2];
+    const int i = threadIdx.x;
+    const uint32_t* meta = reinterpret_cast<const uint32_t*>(tab + SPEC_META(d));
+    const int n_groups = (int)meta[4 * SPEC_GROUPS];
+    if (i < d) y[i] = val;
+    basis_shared(y, d, false, vt);
+    if (i < d && own) own[i] = y[i];
+    // Group norms summed in order by one thread each, as the CPU does.
+    if (i < n_groups) {
+        const int start = meta[4 * i], len = meta[4 * i + 1];
+        float e = 0.f;
+        for (int c = start; c < start + len; c++) e = __fadd_rn(e, __fmul_rn(y[c], y[c]));
+        const float norm = sqrtf(e);
+        g_norm[i] = norm;
+        g_inv[i] = norm > 1e-10f ? 1.f / norm : 0.f;
+    }
+    const int n_words = (rb + 3) / 4;
+    for (int k = i; k < n_words; k += blockDim.x) words[k] = 0;
+    __syncthreads();
+    if (i < d) {
+        const uint32_t desc = __float_as_uint(tab[i]);
+        const int w = (desc >> 16) & 15, grp = desc >> 20, bit = desc & 0xffff;
+        int c = 0;
+        if (w > 0) {
+            const float root = sqrtf((float)meta[4 * grp + 1]);
+            const float x = __fmul_rn(__fmul_rn(y[i], g_inv[grp]), root);
+            const float* mids = tab + SPEC_MIDS(d) + 32 * grp;
+            for (int k = 0; k < (1 << w) - 1; k++) c += mids[k] <= x;
+            atomicOr(&words[bit >> 5], (uint32_t)c << (bit & 31));
+            if ((bit & 31) + w > 32) atomicOr(&words[(bit >> 5) + 1], (uint32_t)c >> (32 - (bit & 31)));
+        }
+        codes[i] = (uint8_t)c;
+    }
+    __syncthreads();
+    if (!row) return;
+    // Scales: the decoded unit group keeps the group's length (turbo's norm correction).
+    if (i < n_groups) {
+        const int start = meta[4 * i], len = meta[4 * i + 1];
+        const float* lut = tab + SPEC_LUT(d) + 32 * i;
+        float e = 0.f;
+        for (int c = start; c < start + len; c++)
+            e = __fadd_rn(e, __fmul_rn(lut[codes[c]], lut[codes[c]]));
+        put_half(row + 2 * i, e > 0.f ? g_norm[i] / sqrtf(e) : 0.f);
+    }
+    for (int b = 2 * n_groups + i; b < rb; b += blockDim.x)
+        row[b] = (uint8_t)(words[b >> 2] >> (8 * (b & 3)));
+}
+
 // One of K or V of a layer as the kernels take it (src/kv/device.rs's DeviceRows): the ring of
 // `capacity` rows per head, the codec (codebook `cb` and decision points `mids` for turbo),
 // for centered stores the per-head mean and channel weights (nullable) and the f16 sink rows
 // (`n_sink` leading positions per head kept in the codec's domain, d values each), and turbo
-// rows' rotation (`rot_blk`, `rot`: rotate_shared).
+// rows' rotation (`rot_blk`, `rot`: rotate_shared). Spectral stores keep per-head tables in
+// `cb` (n_kv × spec_table(d) floats) and per-head bases [d, d] in `rot`.
 struct Store {
     uint8_t* rows;
     int codec, rb;
@@ -279,8 +367,16 @@ struct Store {
     int n_sink;
     int rot_blk;
     const float* rot;
-    __device__ __forceinline__ void rotate(float* s, int d, bool inverse) const {
-        if (is_turbo(codec)) rotate_shared(s, d, inverse, rot_blk, rot);
+    // Head h's row in shared memory into the codec's domain (or back).
+    __device__ __forceinline__ void rotate(float* s, int d, bool inverse, int h) const {
+        if (codec == C_SPECTRAL)
+            basis_shared(s, d, inverse, rot + (size_t)h * d * d);
+        else if (is_turbo(codec))
+            rotate_shared(s, d, inverse, rot_blk, rot);
+    }
+    // The codebook (turbo) or head h's table (spectral) value_at reads.
+    __device__ __forceinline__ const float* table(int h, int d) const {
+        return codec == C_SPECTRAL ? cb + (size_t)h * spec_table(d) : cb;
     }
     // Where head h's value v at sink position p, and its ring row for position p, live.
     __device__ __forceinline__ uint8_t* sink_at(int h, long long p, int v, int d) const {
@@ -313,14 +409,18 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
     if (p < st.n_sink) {
         if (i < d) s[i] = val;
         __syncthreads();
-        st.rotate(s, d, false);
+        st.rotate(s, d, false, h);
         if (i < d) {
             if (store) put_half(st.sink_at(h, p, i, d), s[i]);
             if (own) own[i] = s[i];
         }
         return;
     }
-    store_row(val, store ? st.ring_row(h, p, capacity) : nullptr, own, st.codec, d, st.cb,
+    uint8_t* row = store ? st.ring_row(h, p, capacity) : nullptr;
+    if (st.codec == C_SPECTRAL)
+        return store_spectral(val, row, own, d, st.rb, st.table(h, d),
+                              st.rot + (size_t)h * d * d);
+    store_row(val, row, own, st.codec, d, st.cb,
               st.mids, st.n_mids, st.rot_blk, st.rot);
 }
 
@@ -328,7 +428,7 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
 __device__ __forceinline__ float stored_value(const Store& st, int h, long long p,
                                               long long capacity, int v, int d) {
     if (p < st.n_sink) return half_at(st.sink_at(h, p, v, d));
-    return value_at(st.codec, st.ring_row(h, p, capacity), v, d, st.cb);
+    return value_at(st.codec, st.ring_row(h, p, capacity), v, d, st.table(h, d));
 }
 
 // Stores rows x [t, n_kv, d] at positions pos..pos+t (put_row); with `own` non-null also
@@ -401,7 +501,7 @@ extern "C" __global__ void kv_step(
     }
     if (i < d && k_cscale) x[i] = x[i] / k_cscale[(size_t)(h / (n_head / n_kv)) * d + i];
     __syncthreads();
-    STORE(k).rotate(x, d, false);
+    STORE(k).rotate(x, d, false, h / (n_head / n_kv));
     if (i < d) q_out[(size_t)h * d + i] = x[i] * scale;
 }
 
@@ -416,7 +516,7 @@ extern "C" __global__ void kv_dequant(float* __restrict__ out, long long capacit
     const size_t c = (size_t)h * d + i;
     if (i < d) s[i] = stored_value(STORE(st), h, p, capacity, i, d);
     __syncthreads();
-    STORE(st).rotate(s, d, true);
+    STORE(st).rotate(s, d, true, h);
     if (i < d) {
         float x = s[i];
         if (st_cscale) x = x / st_cscale[c];
@@ -514,7 +614,7 @@ extern "C" __global__ void kv_attn_merge(const float* __restrict__ part_max,
         sums[v] = num / den;
     }
     __syncthreads();
-    vs.rotate(sums, d, true);
+    vs.rotate(sums, d, true, kvh);
     if (tid < d) {
         const size_t c = (size_t)kvh * d + tid;
         float x = sums[tid];

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use crate::engine::sampling::argmax;
 use crate::engine::{DeviceChoice, Engine, EngineConfig};
 use crate::kv::CacheType;
-use crate::kv::calibration::KvCalibration;
+use crate::kv::calibration::{KvCalibration, Spectrum};
 use crate::model::Logits;
 
 #[derive(Debug, serde::Serialize)]
@@ -160,8 +160,10 @@ pub struct LayerReport {
 
 /// Layer 0 of `engine_model`, or with `shape` = (KV heads, GQA group, head dim) the same
 /// layer reshaped (the kernels' other head dims and groups on one model). With `centered`,
-/// every store centers on one random calibration (means, K channel weights, and the channel
-/// variances that RotorQuant types even their K and V weights over; sink rows).
+/// every store centers on one random calibration (means, K channel weights, the channel
+/// variances that RotorQuant types even their K and V weights over, and per-head spectra —
+/// a random basis, eigenvalues decaying so that SpectralQuant makes groups of three widths;
+/// sink rows).
 pub fn check_layer(
     engine_model: &Path,
     ty: CacheType,
@@ -187,6 +189,22 @@ pub fn check_layer(
     let mut rng = StdRng::seed_from_u64(3);
     let mut rand =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+    let mut spectrum_rng = StdRng::seed_from_u64(5);
+    let mut spectra = || -> Vec<Vec<Spectrum>> {
+        let mut head = || {
+            let q =
+                nalgebra::DMatrix::from_fn(hd, hd, |_, _| spectrum_rng.random_range(-1.0f64..1.0))
+                    .qr()
+                    .q();
+            Spectrum {
+                eigenvalues: (0..hd).map(|i| 0.9f32.powi(i as i32)).collect(),
+                vt: std::sync::Arc::new((0..hd * hd).map(|x| q[(x / hd, x % hd)] as f32).collect()),
+            }
+        };
+        (0..arch.n_layer)
+            .map(|_| (0..n_kv).map(|_| head()).collect())
+            .collect()
+    };
     let calib = centered.then(|| {
         let per_layer = |x: &mut dyn FnMut() -> Vec<f32>| (0..arch.n_layer).map(|_| x()).collect();
         let n = n_kv * hd;
@@ -194,8 +212,8 @@ pub fn check_layer(
             tokens: 0,
             k_mean: per_layer(&mut || rand(n)),
             v_mean: per_layer(&mut || rand(n)),
-            k_spectra: Vec::new(),
-            v_spectra: Vec::new(),
+            k_spectra: spectra(),
+            v_spectra: spectra(),
             center: true,
             k_scale: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(x / 2.0)).collect()),
             k_center: Vec::new(),
@@ -321,7 +339,7 @@ pub fn time_decode(
     let Device::Cuda(cd) = &dev else {
         anyhow::bail!("cuda-check needs a GPU");
     };
-    let store = || RowStore::on_gpu(cd, ty, (n_kv, hd, ctx + reps), None, None);
+    let store = || RowStore::on_gpu(cd, ty, (n_kv, hd, ctx + reps), (None, None), None);
     let mut cache = LayerCache {
         k: store()?,
         v: store()?,

@@ -4,9 +4,10 @@
 //! cores, `kernels/cuda/decode.cu`: query rotated once, V accumulated in the rotated domain and
 //! rotated back once per head), and prefill dequantizes the past tile by tile for a
 //! flash-attention kernel (`prefill`). Types with kernels: f16, turbo4, turbo3, turbo2, q8_0,
-//! q4_0, and the RotorQuant family (rotor, iso, planar) as turbo4/turbo3 rows under their own
-//! block rotations. Shared-KV layers attend over their source layer's device store
-//! ([`attend`]). SpectralQuant keeps its cache in host memory and attends on the CPU.
+//! q4_0, the RotorQuant family (rotor, iso, planar) as turbo4/turbo3 rows under their own
+//! block rotations, and SpectralQuant (spectral4/3) through per-head bases and tables
+//! (`codec::spectral::HeadBasis`). Shared-KV layers attend over their source layer's device
+//! store ([`attend`]).
 //!
 //! Stores center their rows as the CPU store does: turbo rows on the calibrated per-head means,
 //! K's channels weighted, the first positions kept as f16 sink rows in the codec's domain
@@ -20,10 +21,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig
 
 use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 
-use super::CacheType;
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
 use super::store::{GPU_TYPES, LayerCache, RowStore, SINK_ROWS, gpu_kernel_type};
+use super::{CacheType, KvCodec};
 
 mod prefill;
 
@@ -37,6 +38,7 @@ const DECODE_PTX: [&str; GPU_TYPES.len()] = [
     include_str!(concat!(env!("OUT_DIR"), "/decode_turbo2.ptx")),
     include_str!(concat!(env!("OUT_DIR"), "/decode_q8_0.ptx")),
     include_str!(concat!(env!("OUT_DIR"), "/decode_q4_0.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/decode_spectral4.ptx")),
 ];
 
 /// Most past rows per flash-decoding slice (kv.cu's DEC_SPLIT, the slice's score buffer), and
@@ -93,6 +95,7 @@ struct Layout {
     codec: i32,
     row_bytes: i32,
     /// Turbo codebook (padded to 16) and its decision points; empty for other codecs.
+    /// SpectralQuant: every head's table (`HeadBasis::table`) in `centroids`.
     centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
@@ -100,7 +103,8 @@ struct Layout {
     mean: Option<CudaSlice<f32>>,
     cscale: Option<CudaSlice<f32>>,
     /// The rotation of turbo rows: 0 for the WHT, else the block width of a RotorQuant type,
-    /// whose blocks' parameters `rot` holds (a placeholder float for the WHT).
+    /// whose blocks' parameters `rot` holds (a placeholder float for the WHT). SpectralQuant:
+    /// every head's basis [d, d] in `rot`.
     rot_block: i32,
     rot: CudaSlice<f32>,
 }
@@ -132,11 +136,13 @@ pub struct Centering<'a> {
 }
 
 impl DeviceRows {
+    /// `codecs`: the store's per-head codecs (fitted, for SpectralQuant).
     pub fn new(
         dev: &CudaDevice,
         ty: CacheType,
         (n_kv_head, head_dim, capacity): (usize, usize, usize),
         centering: &Centering,
+        codecs: &[Box<dyn KvCodec>],
     ) -> Result<Self> {
         let codec = codec_id(ty)? as i32;
         let row_bytes = ty.codec().bytes_per_row(head_dim);
@@ -151,10 +157,22 @@ impl DeviceRows {
             Some(CacheType::Turbo2) => Some(2),
             _ => None,
         };
-        let (rot_block, rot) = match ty.codec().block_rotation() {
+        let (rot_block, mut rot) = match ty.codec().block_rotation() {
             Some(r) => (r.block as i32, r.params),
             None => (0, vec![0.0]),
         };
+        if ty.codec().needs_spectrum() {
+            let (mut vt, mut tables) = (Vec::new(), Vec::new());
+            for (h, c) in codecs.iter().enumerate() {
+                let b = c.head_basis(head_dim).with_context(|| {
+                    format!("{ty}: head {h}'s fit has more groups than the GPU kernels read")
+                })?;
+                vt.extend_from_slice(&b.vt);
+                tables.extend_from_slice(&b.table);
+            }
+            rot = vt;
+            centroids = tables;
+        }
         if let Some(bits) = bits {
             let cb = lloyd_max::turbo(group_width(head_dim), bits);
             centroids[..cb.centroids.len()].copy_from_slice(&cb.centroids);

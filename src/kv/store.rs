@@ -101,25 +101,31 @@ impl RowStore {
         }
     }
 
-    /// A store whose rows live in GPU memory, centered like a host store when given `mean`
-    /// (and channel weights `scale`): sink rows come with centering.
+    /// A store whose rows live in GPU memory, centered like a host store when given a mean
+    /// (and channel weights): sink rows come with centering; SpectralQuant fitted per head to
+    /// `spectra`.
     #[cfg(feature = "cuda")]
     pub fn on_gpu(
         dev: &candle_core::cuda_backend::CudaDevice,
         ty: CacheType,
         (n_kv_head, head_dim, capacity): (usize, usize, usize),
-        mean: Option<Vec<f32>>,
-        scale: Option<Vec<f32>>,
+        (mean, scale): (Option<Vec<f32>>, Option<Vec<f32>>),
+        spectra: Option<&[Spectrum]>,
     ) -> Result<Self> {
-        let sink = sink_count(mean.is_some(), capacity);
+        let mut s = Self::new(ty, n_kv_head, head_dim, 0, mean, spectra).scaled(scale);
+        let sink = sink_count(s.mean.is_some(), capacity);
         let centering = super::device::Centering {
-            mean: mean.as_deref(),
-            scale: scale.as_deref(),
+            mean: s.mean.as_deref(),
+            scale: s.scale.as_deref(),
             sink,
         };
-        let rows =
-            super::device::DeviceRows::new(dev, ty, (n_kv_head, head_dim, capacity), &centering)?;
-        let mut s = Self::new(ty, n_kv_head, head_dim, 0, mean, None).scaled(scale);
+        let rows = super::device::DeviceRows::new(
+            dev,
+            ty,
+            (n_kv_head, head_dim, capacity),
+            &centering,
+            &s.codecs,
+        )?;
         s.capacity = capacity;
         s.sink = sink;
         s.gpu = Some(rows);
@@ -338,21 +344,26 @@ pub struct LayerCache {
 }
 
 /// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
-pub const GPU_TYPES: [CacheType; 6] = [
+pub const GPU_TYPES: [CacheType; 7] = [
     CacheType::F16,
     CacheType::Turbo4,
     CacheType::Turbo3,
     CacheType::Turbo2,
     CacheType::Q8_0,
     CacheType::Q4_0,
+    CacheType::Spectral4,
 ];
 
 /// The type whose GPU kernels run `ty`: `ty` itself where it is one of [`GPU_TYPES`]; for the
 /// RotorQuant family the turbo type of its bit width, whose bytes it shares (the kernels turn
-/// its block rotation where turbo's turn the WHT); `None` for types without kernels.
+/// its block rotation where turbo's turn the WHT); for SpectralQuant spectral4's, which read
+/// any width through per-head tables; `None` for types without kernels.
 pub fn gpu_kernel_type(ty: CacheType) -> Option<CacheType> {
     if GPU_TYPES.contains(&ty) {
         return Some(ty);
+    }
+    if ty.codec().needs_spectrum() {
+        return Some(CacheType::Spectral4);
     }
     match ty.codec().block_rotation()?.bits {
         4 => Some(CacheType::Turbo4),
@@ -500,9 +511,9 @@ impl KvCache {
                 {
                     super::device::load_kernels(dev, tk, tv, g.head_dim)?;
                     let store = |ty, k| {
-                        let (mean, scale, _) = centering(ty, k);
+                        let (mean, scale, spectra) = centering(ty, k);
                         let shape = (g.n_kv_head, g.head_dim, rows);
-                        RowStore::on_gpu(dev, ty, shape, mean, scale)
+                        RowStore::on_gpu(dev, ty, shape, (mean, scale), spectra)
                     };
                     return Ok(LayerCache {
                         k: store(tk, true)?,
@@ -600,7 +611,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rotorquant_types_run_on_the_turbo_kernels_of_their_width() {
+    fn rotorquant_runs_on_turbo_kernels_and_spectral3_on_spectral4s() {
         use CacheType::*;
         for (ty, kernels) in [
             (Rotor4, Some(Turbo4)),
@@ -611,12 +622,12 @@ mod tests {
             (Planar3, Some(Turbo3)),
             (Turbo2, Some(Turbo2)),
             (Q8_0, Some(Q8_0)),
-            (Spectral4, None),
+            (Spectral3, Some(Spectral4)),
             (F32, None),
         ] {
             assert_eq!(gpu_kernel_type(ty), kernels, "{ty}");
             // The kernels read the rows as the turbo type's bytes.
-            if let Some(k) = kernels {
+            if let Some(k) = kernels.filter(|_| ty.codec().block_rotation().is_some()) {
                 assert_eq!(ty.codec().bytes_per_row(128), k.codec().bytes_per_row(128));
             }
         }

@@ -54,6 +54,11 @@ pub trait KvCodec: Send + Sync {
     fn fit(&self, _spectrum: &Spectrum) -> Option<Box<dyn KvCodec>> {
         None
     }
+    /// Codecs with a per-head basis (SpectralQuant): the basis and tables the GPU kernels read
+    /// for a head of `head_dim` values; `None` otherwise.
+    fn head_basis(&self, _head_dim: usize) -> Option<spectral::HeadBasis> {
+        None
+    }
     /// Bytes of per-head state beside the rows (a fitted basis); 0 for most codecs.
     fn state_bytes(&self) -> usize {
         0

@@ -184,6 +184,55 @@ impl Fit {
     }
 }
 
+/// Most groups a fit makes (widths bits − 1 ..= bits + 1), as the GPU kernels take them.
+pub const MAX_GROUPS: usize = 3;
+
+/// Floats of one head's GPU table at head dim `d` (codec.cuh's `spec_table`).
+pub fn table_len(d: usize) -> usize {
+    d + 32 * 2 * MAX_GROUPS + 4 * MAX_GROUPS + 4
+}
+
+/// One head's fit as the GPU kernels read it (kernels/cuda/codec.cuh, "SpectralQuant"): the
+/// basis `vt` [d, d] and a table of [`table_len`] floats: per stored coordinate a descriptor
+/// (u32 bits: bit position in the row, width << 16, group << 20), then per group its scaled
+/// centroids (32 slots), then its N(0, 1) decision points (32 slots), then per group (start,
+/// len, width, 0) and the group count (u32 bits).
+pub struct HeadBasis {
+    pub vt: Vec<f32>,
+    pub table: Vec<f32>,
+}
+
+impl Fit {
+    fn head_basis(&self, d: usize) -> Option<HeadBasis> {
+        if self.groups.len() > MAX_GROUPS {
+            return None;
+        }
+        let mut table = vec![0f32; table_len(d)];
+        let bits = |x: usize| f32::from_bits(x as u32);
+        let mut bit = 16 * self.groups.len();
+        for (j, g) in self.groups.iter().enumerate() {
+            for desc in &mut table[g.start..g.start + g.len] {
+                *desc = bits(bit | (g.width as usize) << 16 | j << 20);
+                bit += g.width as usize;
+            }
+            let lut = d + 32 * j;
+            table[lut..lut + g.lut.len()].copy_from_slice(&g.lut);
+            let mids = &lloyd_max::normal(g.width as u32).mids;
+            let at = d + 32 * (MAX_GROUPS + j);
+            table[at..at + mids.len()].copy_from_slice(mids);
+            let meta = d + 64 * MAX_GROUPS + 4 * j;
+            table[meta] = bits(g.start);
+            table[meta + 1] = bits(g.len);
+            table[meta + 2] = bits(g.width as usize);
+        }
+        table[d + 64 * MAX_GROUPS + 4 * MAX_GROUPS] = bits(self.groups.len());
+        Some(HeadBasis {
+            vt: self.vt.clone(),
+            table,
+        })
+    }
+}
+
 /// Starts every direction at `lo` bits and gives the rest of `budget` one bit at a time, up to
 /// `hi`, to the direction whose expected squared error `λ_i · D(b_i)` drops most; D is the
 /// N(0, 1) Lloyd–Max error at b bits.
@@ -327,6 +376,10 @@ impl<const BITS: u32> KvCodec for Spectral<BITS> {
         }
     }
 
+    fn head_basis(&self, head_dim: usize) -> Option<HeadBasis> {
+        self.fitted(head_dim).head_basis(head_dim)
+    }
+
     fn prepare_query(&self, q: &[f32], out: &mut [f32]) {
         self.fitted(q.len()).forward(q, out);
     }
@@ -370,6 +423,50 @@ mod tests {
             [4, 3, 2],
             "top directions get a bit more, the flattest a bit less"
         );
+    }
+
+    /// The GPU's table reads a row as `decode` does: each coordinate's descriptor finds its
+    /// code, width and group scale, and the groups' ranges and decision points are the fit's.
+    #[test]
+    fn head_basis_table_reads_rows_as_decode_does() {
+        let d = 128;
+        let skewed: Vec<f32> = (0..d).map(|i| 0.8f32.powi(i as i32)).collect();
+        let fit = Arc::new(Fit::new(3, &skewed, None));
+        assert_eq!(fit.groups.len(), 3);
+        let codec = Spectral3Codec {
+            fit: Some(fit.clone()),
+        };
+        let basis = codec.head_basis(d).unwrap();
+        let t = &basis.table;
+        assert_eq!((basis.vt.len(), t.len()), (d * d, table_len(d)));
+        let meta = d + 64 * MAX_GROUPS;
+        assert_eq!(t[meta + 4 * MAX_GROUPS].to_bits(), 3);
+        for (j, g) in fit.groups.iter().enumerate() {
+            let m: Vec<u32> = t[meta + 4 * j..meta + 4 * j + 3]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(m, [g.start as u32, g.len as u32, g.width as u32]);
+            let mids = &lloyd_max::normal(g.width as u32).mids;
+            let at = d + 32 * (MAX_GROUPS + j);
+            assert_eq!(&t[at..at + mids.len()], &mids[..]);
+        }
+        let mut rng = SplitMix(4);
+        for _ in 0..20 {
+            let x: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
+            let mut row = vec![0u8; codec.bytes_per_row(d) + 1];
+            codec.quantize_row(&x, &mut row[..codec.bytes_per_row(d)]);
+            let mut want = vec![0f32; d];
+            fit.decode(&row, &mut want);
+            for (v, &w) in want.iter().enumerate() {
+                let desc = t[v].to_bits();
+                let (bit, width, grp) = (desc & 0xffff, desc >> 16 & 15, (desc >> 20) as usize);
+                let two = row[bit as usize / 8] as u32 | (row[bit as usize / 8 + 1] as u32) << 8;
+                let code = (two >> (bit % 8)) & ((1 << width) - 1);
+                let alpha = f16::from_le_bytes([row[2 * grp], row[2 * grp + 1]]).to_f32();
+                assert_eq!(alpha * t[d + 32 * grp + code as usize], w, "coordinate {v}");
+            }
+        }
     }
 
     /// Rows with most of their energy in a few directions (a rotated, steeply decaying spectrum,
