@@ -71,14 +71,38 @@ __device__ __forceinline__ uint32_t u32_at(const uint8_t* p) {
 #define SPEC_META(d) ((d) + 64 * SPEC_GROUPS)
 __host__ __device__ constexpr int spec_table(int d) { return d + 64 * SPEC_GROUPS + 16; }
 
-// Coordinate value of a spectral row with descriptor `desc` (its head's table entry), the
-// centroids at `lut`: the group's scale times its centroid. Reads up to one byte past the code
-// (rows keep slack after them).
+// The code and group of a spectral row's coordinate with descriptor `desc` (its head's table
+// entry); -1 for a coordinate without bits. Reads up to one byte past the code (rows keep slack
+// after them).
+__device__ __forceinline__ int spectral_code(const uint8_t* row, uint32_t desc, int& grp) {
+    const int w = (desc >> 16) & 15, bit = desc & 0xffff;
+    grp = desc >> 20;
+    if (w == 0) return -1;
+    const uint32_t two = row[bit >> 3] | ((uint32_t)row[(bit >> 3) + 1] << 8);
+    return (two >> (bit & 7)) & ((1 << w) - 1);
+}
+
+// That coordinate's value: the group's scale times its centroid (centroids at `lut`).
 __device__ __forceinline__ float spectral_value(const uint8_t* row, uint32_t desc,
                                                 const float* lut) {
-    const int w = (desc >> 16) & 15;
-    if (w == 0) return 0.f;
-    const int bit = desc & 0xffff, grp = desc >> 20;
-    const uint32_t two = row[bit >> 3] | ((uint32_t)row[(bit >> 3) + 1] << 8);
-    return __fmul_rn(half_at(row + 2 * grp), lut[32 * grp + ((two >> (bit & 7)) & ((1 << w) - 1))]);
+    int grp;
+    const int c = spectral_code(row, desc, grp);
+    return c < 0 ? 0.f : __fmul_rn(half_at(row + 2 * grp), lut[32 * grp + c]);
 }
+
+// A spectral row's group scales, read once per row (slots past its groups hold code bytes).
+struct SpectralScales {
+    float a[SPEC_GROUPS];
+    __device__ __forceinline__ void load(const uint8_t* row) {
+#pragma unroll
+        for (int j = 0; j < SPEC_GROUPS; j++) a[j] = half_at(row + 2 * j);
+    }
+    // The coordinate with descriptor `desc`, as spectral_value.
+    __device__ __forceinline__ float value(const uint8_t* row, uint32_t desc,
+                                           const float* lut) const {
+        int grp;
+        const int c = spectral_code(row, desc, grp);
+        const float scale = grp == 0 ? a[0] : grp == 1 ? a[1] : a[2];
+        return c < 0 ? 0.f : __fmul_rn(scale, lut[32 * grp + c]);
+    }
+};

@@ -129,10 +129,13 @@ template <int C, int GW>
 struct KLane {
     Codes<C, GW / 4> c;
     uint32_t w[2];
-    const uint8_t* row;  // spectral: decoded value by value through the head's table (`cb`)
+    // spectral: decoded value by value through the head's table (`cb`)
+    const uint8_t* row;
+    SpectralScales sc;
     __device__ __forceinline__ void load(const uint8_t* grp, int t) {
         if constexpr (C == C_SPECTRAL) {
             row = grp;
+            sc.load(grp);
         } else if constexpr (is_turbo(C)) {
             c.load(grp, GW, (GW / 4) * t);
         } else {
@@ -142,7 +145,7 @@ struct KLane {
     }
     __device__ __forceinline__ float at(int kk, int j, const float* cb, int t) const {
         if constexpr (C == C_SPECTRAL)
-            return spectral_value(row, __float_as_uint(cb[dim(kk, t) + j]), cb + GW);
+            return sc.value(row, __float_as_uint(cb[dim(kk, t) + j]), cb + GW);
         else if constexpr (is_turbo(C)) return cb[c.at(4 * kk + j)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w[kk] >> (8 * j));
         // q4_0: byte j holds value j (low nibble) and j + 16 (high)
@@ -160,9 +163,11 @@ struct VLane {
     Codes<C, GW / 8> c;
     uint32_t w;
     const uint8_t* row;
+    SpectralScales sc;
     __device__ __forceinline__ void load(const uint8_t* grp, int g) {
         if constexpr (C == C_SPECTRAL) {
             row = grp;
+            sc.load(grp);
         } else if constexpr (is_turbo(C)) {
             c.load(grp, GW, (GW / 8) * g);
         } else {
@@ -173,7 +178,7 @@ struct VLane {
     }
     __device__ __forceinline__ float at(int mt, int hi, const float* cb, int g) const {
         if constexpr (C == C_SPECTRAL)
-            return spectral_value(row, __float_as_uint(cb[dim(mt, g, hi)]), cb + GW);
+            return sc.value(row, __float_as_uint(cb[dim(mt, g, hi)]), cb + GW);
         else if constexpr (is_turbo(C)) return cb[c.at(2 * mt + hi)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w >> (16 * mt + 8 * hi));
         else return (float)((int)((w >> (8 * hi + 4 * mt)) & 15) - 8);

@@ -142,24 +142,31 @@ __device__ __forceinline__ void rotate_shared(float* s, int d, bool inverse, int
 // A row in shared memory `s` (d values, one per thread of the block) into a head's basis `vt`
 // [d, d] (y = vt·x) or back (x = vtᵀ·y), with spectral.rs's float steps so stored bytes match:
 // forward as src/kv/codec/mod.rs's dot_f32 (eight running sums, then added in order), back as
-// its Fit::inverse (each nonzero coordinate's basis row added in turn).
+// its Fit::inverse (each coordinate's basis row added in turn; the CPU skips zero coordinates,
+// which changes nothing but a zero's sign). Basis values are loaded 32 at a time ahead of the
+// sums, which would otherwise wait on one global load each (d is a multiple of 32).
 __device__ void basis_shared(float* s, int d, bool inverse, const float* __restrict__ vt) {
     const int i = threadIdx.x;
     float y = 0.f;
     __syncthreads();
     if (i < d) {
-        if (!inverse) {
-            const float* r = vt + (size_t)i * d;
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int c = 0; c < d; c += 8)
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int c0 = 0; c0 < d; c0 += 32) {
+            float b[32];
 #pragma unroll
-                for (int l = 0; l < 8; l++) acc[l] = __fadd_rn(acc[l], __fmul_rn(r[c + l], s[c + l]));
+            for (int l = 0; l < 32; l++)
+                b[l] = inverse ? vt[(size_t)(c0 + l) * d + i] : vt[(size_t)i * d + c0 + l];
+#pragma unroll
+            for (int l = 0; l < 32; l++) {
+                if (inverse)
+                    y = __fadd_rn(y, __fmul_rn(s[c0 + l], b[l]));
+                else
+                    acc[l % 8] = __fadd_rn(acc[l % 8], __fmul_rn(b[l], s[c0 + l]));
+            }
+        }
+        if (!inverse)
 #pragma unroll
             for (int l = 0; l < 8; l++) y = __fadd_rn(y, acc[l]);
-        } else {
-            for (int r = 0; r < d; r++)
-                if (s[r] != 0.f) y = __fadd_rn(y, __fmul_rn(s[r], vt[(size_t)r * d + i]));
-        }
     }
     __syncthreads();
     if (i < d) s[i] = y;
@@ -314,6 +321,7 @@ __device__ void store_spectral(float val, uint8_t* __restrict__ row, float* __re
     if (i < n_groups) {
         const int start = meta[4 * i], len = meta[4 * i + 1];
         float e = 0.f;
+#pragma unroll 8
         for (int c = start; c < start + len; c++) e = __fadd_rn(e, __fmul_rn(y[c], y[c]));
         const float norm = sqrtf(e);
         g_norm[i] = norm;
@@ -343,6 +351,7 @@ __device__ void store_spectral(float val, uint8_t* __restrict__ row, float* __re
         const int start = meta[4 * i], len = meta[4 * i + 1];
         const float* lut = tab + SPEC_LUT(d) + 32 * i;
         float e = 0.f;
+#pragma unroll 8
         for (int c = start; c < start + len; c++)
             e = __fadd_rn(e, __fmul_rn(lut[codes[c]], lut[codes[c]]));
         put_half(row + 2 * i, e > 0.f ? g_norm[i] / sqrtf(e) : 0.f);
