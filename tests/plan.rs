@@ -7,6 +7,7 @@ use std::process::Command;
 
 use dhurandhar::engine::{Engine, EngineConfig};
 use dhurandhar::kv::CacheType;
+use dhurandhar::kv::codec::spectral::table_len;
 use dhurandhar::plan::memory::{PlanRequest, breakdown};
 use dhurandhar::plan::profile;
 use serde_json::Value;
@@ -67,6 +68,44 @@ fn plan_kv_equals_what_the_engine_allocates() {
             );
         }
     }
+}
+
+/// SpectralQuant's rows are planned like any type's, and its fitted bases beside them: each
+/// head's d×d basis and at most its GPU table (the host keeps smaller tables).
+#[test]
+fn plan_counts_spectral_bases_beside_the_rows() {
+    let path = common::smollm2();
+    let planned_model = profile::resolve(path.to_str().unwrap()).unwrap();
+    let ty = CacheType::Spectral4;
+    let engine = Engine::load(&EngineConfig {
+        model: path.clone(),
+        n_ctx: 8192,
+        cache_k: ty,
+        cache_v: ty,
+        chat_template: None,
+        kv_layer_policy: None,
+        kv_centering: true,
+        ple_resident: false,
+        kv_calibration: None,
+        device: Default::default(),
+        n_gpu_layers: None,
+    })
+    .unwrap();
+    let cache = engine.alloc_cache(8192).unwrap();
+    let planned = breakdown(&planned_model, &request(8192, ty, ty, None)).unwrap();
+    assert_eq!(planned.kv_bytes, (cache.k_bytes() + cache.v_bytes()) as u64);
+    let held: usize = cache
+        .layers
+        .iter()
+        .map(|l| l.k.state_bytes() + l.v.state_bytes())
+        .sum();
+    // SmolLM2: 30 layers × K and V × 3 heads of head_dim 64.
+    let tables = 4 * 2 * 30 * 3 * table_len(64);
+    assert!(
+        (held..=held + tables).contains(&(planned.kv_basis_bytes as usize)),
+        "planned {} vs held {held}",
+        planned.kv_basis_bytes
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::profile::PlanModel;
-use crate::kv::store::store_bytes;
+use crate::kv::store::{basis_bytes, store_bytes};
 use crate::kv::{CacheType, KvPolicy};
 
 /// What `plan` is asked.
@@ -35,6 +35,8 @@ pub struct Breakdown {
     pub decoder_bytes: u64,
     pub ple_bytes: u64,
     pub kv_bytes: u64,
+    /// SpectralQuant's fitted per-head bases, beside the rows.
+    pub kv_basis_bytes: u64,
     pub ssm_state_bytes: u64,
     pub vision_bytes: u64,
     pub audio_bytes: u64,
@@ -66,7 +68,7 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
         req.cache_v,
         req.kv_layer_policy.as_deref(),
     )?;
-    let mut kv_bytes = 0u64;
+    let (mut kv_bytes, mut kv_basis_bytes) = (0u64, 0u64);
     for (il, l) in a.layers.iter().enumerate() {
         if !a.stores_kv(il) {
             continue;
@@ -75,6 +77,7 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
         let (tk, tv) = policy.layers[il];
         for ty in [tk, tv] {
             kv_bytes += store_bytes(ty, l.n_kv_head, l.head_dim, rows, req.kv_centering) as u64;
+            kv_basis_bytes += basis_bytes(ty, l.n_kv_head, l.head_dim) as u64;
         }
     }
     let ub = req.ubatch.min(req.context_tokens).max(1) as u64;
@@ -97,6 +100,7 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
     let ssm_state_bytes = a.ssm_state_bytes();
     let total_ple_mmap = decoder_bytes
         + kv_bytes
+        + kv_basis_bytes
         + ssm_state_bytes
         + vision_bytes
         + audio_bytes
@@ -114,6 +118,7 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
         decoder_bytes,
         ple_bytes,
         kv_bytes,
+        kv_basis_bytes,
         ssm_state_bytes,
         vision_bytes,
         audio_bytes,

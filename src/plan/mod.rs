@@ -33,6 +33,7 @@ pub fn render(r: &PlanReport) -> String {
         ("decoder weights", b.decoder_bytes),
         ("PLE table", b.ple_bytes),
         ("KV cache", b.kv_bytes),
+        ("KV bases (SpectralQuant)", b.kv_basis_bytes),
         ("SSM state (f32)", b.ssm_state_bytes),
         ("vision encoder", b.vision_bytes),
         ("audio encoder", b.audio_bytes),
