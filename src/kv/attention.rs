@@ -144,12 +144,13 @@ fn past_scores(
     for (codec, rows, ns) in k.runs(kvh, range) {
         seg_scores.resize(m * ns, 0.0);
         codec.dot_rows(hd, qs, rows, &mut seg_scores);
+        let gain = 1.0 / codec.shrink();
         for i in 0..m {
             for (d, s) in scores[i * n + off..][..ns]
                 .iter_mut()
                 .zip(&seg_scores[i * ns..(i + 1) * ns])
             {
-                *d = (s + bias[i]) * scale;
+                *d = (s * gain + bias[i]) * scale;
             }
         }
         off += ns;
@@ -170,8 +171,9 @@ fn past_values(
     let mut seg_w = Vec::new();
     for (codec, rows, ns) in v.runs(kvh, range) {
         seg_w.clear();
+        let gain = 1.0 / codec.shrink();
         for i in 0..m {
-            seg_w.extend_from_slice(&w[i * n + off..][..ns]);
+            seg_w.extend(w[i * n + off..][..ns].iter().map(|x| x * gain));
         }
         codec.axpy_rows(hd, &seg_w, rows, acc);
         off += ns;

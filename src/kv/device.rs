@@ -97,6 +97,10 @@ struct Layout {
     /// Turbo codebook (padded to 16) and its decision points; empty for other codecs.
     /// SpectralQuant: every head's table (`HeadBasis::table`) in `centroids`.
     centroids: CudaSlice<f32>,
+    /// The codebook kernels that read rows take: `centroids` over the codec's shrink
+    /// (`KvCodec::shrink`), so scores and V sums come out unbiased; quantizing takes
+    /// `centroids`, so the stored bytes stay the CPU's.
+    read_centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
     /// Centered stores: the per-head mean and channel weights, `n_kv_head × head_dim`.
@@ -110,11 +114,16 @@ struct Layout {
 }
 
 impl Layout {
-    /// kv.cu's `STORE_PARAMS` after the rows and sinks.
-    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+    /// kv.cu's `STORE_PARAMS` after the rows and sinks, for a kernel that writes rows or only
+    /// reads them.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64, write: bool) {
         b.arg(&self.codec)
             .arg(&self.row_bytes)
-            .arg(&self.centroids)
+            .arg(if write {
+                &self.centroids
+            } else {
+                &self.read_centroids
+            })
             .arg(&self.mids)
             .arg(&self.n_mids);
         for x in [&self.mean, &self.cscale] {
@@ -178,6 +187,12 @@ impl DeviceRows {
             centroids[..cb.centroids.len()].copy_from_slice(&cb.centroids);
             mids = cb.mids.clone();
         }
+        let gain = 1.0 / ty.codec().shrink();
+        let read_centroids: Vec<f32> = if bits.is_some() {
+            centroids.iter().map(|c| c * gain).collect()
+        } else {
+            centroids.clone()
+        };
         if centering.sink > SINK_ROWS {
             bail!("at most {SINK_ROWS} sink rows on the GPU");
         }
@@ -193,6 +208,7 @@ impl DeviceRows {
                 codec,
                 row_bytes: row_bytes as i32,
                 n_mids: if bits.is_some() { mids.len() as i32 } else { 0 },
+                read_centroids: s.clone_htod(&read_centroids)?,
                 centroids: s.clone_htod(&centroids)?,
                 mids: s.clone_htod(&mids)?,
                 mean: upload(centering.mean)?,
@@ -212,13 +228,13 @@ impl DeviceRows {
             ..
         } = self;
         b.arg(rows).arg(sinks);
-        layout.push(b, null);
+        layout.push(b, null, true);
     }
 
     /// Pushes kv.cu's `STORE_PARAMS` for a kernel that reads the store.
     fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
         b.arg(&self.rows).arg(&self.sinks);
-        self.layout.push(b, null);
+        self.layout.push(b, null, false);
     }
 
     /// Positions `range` of every head as values [n_kv, n, d] on the host.
@@ -622,8 +638,8 @@ fn decode(
             .arg(&vr.rows)
             .arg(&krb)
             .arg(&vrb)
-            .arg(&kr.layout.centroids)
-            .arg(&vr.layout.centroids)
+            .arg(&kr.layout.read_centroids)
+            .arg(&vr.layout.read_centroids)
             .arg(&cap)
             .arg(&first_i)
             .arg(&n_i)

@@ -54,6 +54,14 @@ pub trait KvCodec: Send + Sync {
     fn fit(&self, _spectrum: &Spectrum) -> Option<Box<dyn KvCodec>> {
         None
     }
+    /// Expected slope of a decoded value against the true one, E[x̂·x] / E[x²]: below 1 for
+    /// codes rescaled to their row's length (turbo's norm correction keeps ‖x̂‖ = ‖x‖ while a
+    /// Lloyd–Max code correlates with its value only as √(1 − D) of it, D the codebook's
+    /// relative error), 1 where rounding is unbiased. Attention divides the scores and V sums
+    /// it reads through the codec by it, so that `<q, k̂>` and `Σ w·v̂` are unbiased.
+    fn shrink(&self) -> f32 {
+        1.0
+    }
     /// Codecs with a per-head basis (SpectralQuant): the basis and tables the GPU kernels read
     /// for a head of `head_dim` values; `None` otherwise.
     fn head_basis(&self, _head_dim: usize) -> Option<spectral::HeadBasis> {
