@@ -6,8 +6,8 @@ mod common;
 use std::process::Command;
 
 use dhurandhar::engine::{Engine, EngineConfig};
-use dhurandhar::kv::CacheType;
 use dhurandhar::kv::codec::spectral::table_len;
+use dhurandhar::kv::{CacheType, KvCache};
 use dhurandhar::plan::memory::{PlanRequest, breakdown};
 use dhurandhar::plan::profile;
 use serde_json::Value;
@@ -23,6 +23,30 @@ fn request(n: usize, k: CacheType, v: CacheType, policy: Option<&str>) -> PlanRe
         strip_audio: false,
         ubatch: 512,
     }
+}
+
+/// The KV cache the engine allocates for `n` tokens of `model` with these types (centered).
+fn engine_cache(
+    model: &std::path::Path,
+    n: usize,
+    (k, v): (CacheType, CacheType),
+    policy: Option<&str>,
+) -> KvCache {
+    let engine = Engine::load(&EngineConfig {
+        model: model.to_path_buf(),
+        n_ctx: n,
+        cache_k: k,
+        cache_v: v,
+        chat_template: None,
+        kv_layer_policy: policy.map(str::to_string),
+        kv_centering: true,
+        ple_resident: false,
+        kv_calibration: None,
+        device: Default::default(),
+        n_gpu_layers: None,
+    })
+    .unwrap();
+    engine.alloc_cache(n).unwrap()
 }
 
 #[test]
@@ -43,21 +67,7 @@ fn plan_kv_equals_what_the_engine_allocates() {
     ] {
         let planned_model = profile::resolve(path.to_str().unwrap()).unwrap();
         for (k, v, policy) in cases {
-            let engine = Engine::load(&EngineConfig {
-                model: path.clone(),
-                n_ctx: 8192,
-                cache_k: k,
-                cache_v: v,
-                chat_template: None,
-                kv_layer_policy: policy.map(str::to_string),
-                kv_centering: true,
-                ple_resident: false,
-                kv_calibration: None,
-                device: Default::default(),
-                n_gpu_layers: None,
-            })
-            .unwrap();
-            let cache = engine.alloc_cache(8192).unwrap();
+            let cache = engine_cache(&path, 8192, (k, v), policy);
             let allocated = (cache.k_bytes() + cache.v_bytes()) as u64;
             let planned = breakdown(&planned_model, &request(8192, k, v, policy)).unwrap();
             assert_eq!(
@@ -77,21 +87,7 @@ fn plan_counts_spectral_bases_beside_the_rows() {
     let path = common::smollm2();
     let planned_model = profile::resolve(path.to_str().unwrap()).unwrap();
     let ty = CacheType::Spectral4;
-    let engine = Engine::load(&EngineConfig {
-        model: path.clone(),
-        n_ctx: 8192,
-        cache_k: ty,
-        cache_v: ty,
-        chat_template: None,
-        kv_layer_policy: None,
-        kv_centering: true,
-        ple_resident: false,
-        kv_calibration: None,
-        device: Default::default(),
-        n_gpu_layers: None,
-    })
-    .unwrap();
-    let cache = engine.alloc_cache(8192).unwrap();
+    let cache = engine_cache(&path, 8192, (ty, ty), None);
     let planned = breakdown(&planned_model, &request(8192, ty, ty, None)).unwrap();
     assert_eq!(planned.kv_bytes, (cache.k_bytes() + cache.v_bytes()) as u64);
     let held: usize = cache
