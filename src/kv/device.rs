@@ -98,8 +98,9 @@ struct Layout {
     /// SpectralQuant: every head's table (`HeadBasis::table`) in `centroids`.
     centroids: CudaSlice<f32>,
     /// The codebook kernels that read rows take: `centroids` over the codec's shrink
-    /// (`KvCodec::shrink`), so scores and V sums come out unbiased; quantizing takes
-    /// `centroids`, so the stored bytes stay the CPU's.
+    /// (`KvCodec::shrink`; SpectralQuant: each group's, `HeadBasis::read_table`), so scores and
+    /// V sums come out unbiased; quantizing takes `centroids`, so the stored bytes stay the
+    /// CPU's.
     read_centroids: CudaSlice<f32>,
     mids: CudaSlice<f32>,
     n_mids: i32,
@@ -170,17 +171,20 @@ impl DeviceRows {
             Some(r) => (r.block as i32, r.params),
             None => (0, vec![0.0]),
         };
+        let mut read_tables = None;
         if ty.codec().needs_spectrum() {
-            let (mut vt, mut tables) = (Vec::new(), Vec::new());
+            let (mut vt, mut tables, mut reads) = (Vec::new(), Vec::new(), Vec::new());
             for (h, c) in codecs.iter().enumerate() {
                 let b = c.head_basis(head_dim).with_context(|| {
                     format!("{ty}: head {h}'s fit has more groups than the GPU kernels read")
                 })?;
                 vt.extend_from_slice(&b.vt);
                 tables.extend_from_slice(&b.table);
+                reads.extend_from_slice(&b.read_table);
             }
             rot = vt;
             centroids = tables;
+            read_tables = Some(reads);
         }
         if let Some(bits) = bits {
             let cb = lloyd_max::turbo(group_width(head_dim), bits);
@@ -188,10 +192,10 @@ impl DeviceRows {
             mids = cb.mids.clone();
         }
         let gain = 1.0 / ty.codec().shrink();
-        let read_centroids: Vec<f32> = if bits.is_some() {
-            centroids.iter().map(|c| c * gain).collect()
-        } else {
-            centroids.clone()
+        let read_centroids: Vec<f32> = match read_tables {
+            Some(t) => t,
+            None if bits.is_some() => centroids.iter().map(|c| c * gain).collect(),
+            None => centroids.clone(),
         };
         if centering.sink > SINK_ROWS {
             bail!("at most {SINK_ROWS} sink rows on the GPU");

@@ -54,6 +54,10 @@ struct Group {
     width: u8,
     /// The N(0, 1/len) Lloyd–Max centroids for `width` bits.
     lut: Vec<f32>,
+    /// `lut` over the codebook's shrink √(1 − D): what attention reads, so that a group's share
+    /// of a score or V sum comes out unbiased (see `KvCodec::shrink`; each group has its own
+    /// width, so the correction lives here rather than in one factor for the row).
+    read_lut: Vec<f32>,
 }
 
 impl Fit {
@@ -117,15 +121,18 @@ impl Fit {
                 m.extend_from_slice(&out);
             }
             let s = 1.0 / (g as f32).sqrt();
+            let lut: Vec<f32> = lloyd_max::normal(w as u32)
+                .centroids
+                .iter()
+                .map(|c| c * s)
+                .collect();
+            let gain = 1.0 / (1.0 - lloyd_max::normal_mse(w as u32)).sqrt() as f32;
             groups.push(Group {
                 start: m.len() / d - g,
                 len: g,
                 width: w,
-                lut: lloyd_max::normal(w as u32)
-                    .centroids
-                    .iter()
-                    .map(|c| c * s)
-                    .collect(),
+                read_lut: lut.iter().map(|c| c * gain).collect(),
+                lut,
             });
         }
         Self { vt: m, groups }
@@ -169,14 +176,16 @@ impl Fit {
         x.copy_from_slice(out);
     }
 
-    /// One stored row to its coordinates in the basis.
-    fn decode(&self, src: &[u8], out: &mut [f32]) {
+    /// One stored row to its coordinates in the basis: as stored (each group at its norm), or
+    /// `unbiased` as attention reads it (`Group::read_lut`).
+    fn decode(&self, src: &[u8], out: &mut [f32], unbiased: bool) {
         let n = self.groups.len();
         let mut bits = Bits::new(&src[2 * n..]);
         for (j, grp) in self.groups.iter().enumerate() {
             let alpha = f16::from_le_bytes([src[2 * j], src[2 * j + 1]]).to_f32();
+            let lut = if unbiased { &grp.read_lut } else { &grp.lut };
             for o in &mut out[grp.start..grp.start + grp.len] {
-                *o = alpha * grp.lut[bits.take(grp.width as u32)];
+                *o = alpha * lut[bits.take(grp.width as u32)];
             }
         }
         let coded = self.groups.last().map_or(0, |g| g.start + g.len);
@@ -196,10 +205,12 @@ pub fn table_len(d: usize) -> usize {
 /// basis `vt` [d, d] and a table of [`table_len`] floats: per stored coordinate a descriptor
 /// (u32 bits: bit position in the row, width << 16, group << 20), then per group its scaled
 /// centroids (32 slots), then its N(0, 1) decision points (32 slots), then per group (start,
-/// len, width, 0) and the group count (u32 bits).
+/// len, width, 0) and the group count (u32 bits). `read_table` is `table` with the groups'
+/// centroids as attention reads them (`Group::read_lut`); quantizing takes `table`.
 pub struct HeadBasis {
     pub vt: Vec<f32>,
     pub table: Vec<f32>,
+    pub read_table: Vec<f32>,
 }
 
 impl Fit {
@@ -226,9 +237,14 @@ impl Fit {
             table[meta + 2] = bits(g.width as usize);
         }
         table[d + 64 * MAX_GROUPS + 4 * MAX_GROUPS] = bits(self.groups.len());
+        let mut read_table = table.clone();
+        for (j, g) in self.groups.iter().enumerate() {
+            read_table[d + 32 * j..][..g.read_lut.len()].copy_from_slice(&g.read_lut);
+        }
         Some(HeadBasis {
             vt: self.vt.clone(),
             table,
+            read_table,
         })
     }
 }
@@ -321,7 +337,7 @@ impl<const BITS: u32> KvCodec for Spectral<BITS> {
     /// The fitted basis and tables (the identity fit is shared by all, so counts nothing).
     fn state_bytes(&self) -> usize {
         self.fit.as_ref().map_or(0, |f| {
-            4 * (f.vt.len() + f.groups.iter().map(|g| g.lut.len()).sum::<usize>())
+            4 * (f.vt.len() + f.groups.iter().map(|g| 2 * g.lut.len()).sum::<usize>())
         })
     }
 
@@ -364,7 +380,7 @@ impl<const BITS: u32> KvCodec for Spectral<BITS> {
 
     fn dequantize_row(&self, src: &[u8], dst: &mut [f32]) {
         let fit = self.fitted(dst.len());
-        fit.decode(src, dst);
+        fit.decode(src, dst, false);
         fit.inverse(dst);
     }
 
@@ -372,7 +388,7 @@ impl<const BITS: u32> KvCodec for Spectral<BITS> {
         let fit = self.fitted(head_dim);
         let rb = self.bytes_per_row(head_dim);
         for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
-            fit.decode(row, o);
+            fit.decode(row, o, true);
         }
     }
 
@@ -425,8 +441,9 @@ mod tests {
         );
     }
 
-    /// The GPU's table reads a row as `decode` does: each coordinate's descriptor finds its
-    /// code, width and group scale, and the groups' ranges and decision points are the fit's.
+    /// The GPU's tables read a row as `decode` does, as stored and as attention reads it: each
+    /// coordinate's descriptor finds its code, width and group scale, and the groups' ranges and
+    /// decision points are the fit's.
     #[test]
     fn head_basis_table_reads_rows_as_decode_does() {
         let d = 128;
@@ -456,17 +473,58 @@ mod tests {
             let x: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
             let mut row = vec![0u8; codec.bytes_per_row(d) + 1];
             codec.quantize_row(&x, &mut row[..codec.bytes_per_row(d)]);
-            let mut want = vec![0f32; d];
-            fit.decode(&row, &mut want);
-            for (v, &w) in want.iter().enumerate() {
-                let desc = t[v].to_bits();
-                let (bit, width, grp) = (desc & 0xffff, desc >> 16 & 15, (desc >> 20) as usize);
-                let two = row[bit as usize / 8] as u32 | (row[bit as usize / 8 + 1] as u32) << 8;
-                let code = (two >> (bit % 8)) & ((1 << width) - 1);
-                let alpha = f16::from_le_bytes([row[2 * grp], row[2 * grp + 1]]).to_f32();
-                assert_eq!(alpha * t[d + 32 * grp + code as usize], w, "coordinate {v}");
+            for (table, unbiased) in [(t, false), (&basis.read_table, true)] {
+                let mut want = vec![0f32; d];
+                fit.decode(&row, &mut want, unbiased);
+                for (v, &w) in want.iter().enumerate() {
+                    let desc = table[v].to_bits();
+                    let (bit, width) = (desc & 0xffff, desc >> 16 & 15);
+                    let grp = (desc >> 20) as usize;
+                    let at = bit as usize / 8;
+                    let code = ((row[at] as u32 | (row[at + 1] as u32) << 8) >> (bit % 8))
+                        & ((1 << width) - 1);
+                    let alpha = f16::from_le_bytes([row[2 * grp], row[2 * grp + 1]]).to_f32();
+                    let got = alpha * table[d + 32 * grp + code as usize];
+                    assert_eq!(got, w, "coordinate {v}, unbiased {unbiased}");
+                }
             }
         }
+    }
+
+    /// Stored groups keep their norms, so they read back short of the true values by each
+    /// group's shrink √(1 − D_w); attention's reading (`decode_rows`) divides it out per group:
+    /// slope 1 against the true rows, where the stored reading's slope is below 1.
+    #[test]
+    fn attention_reads_each_group_unbiased() {
+        let d = 128;
+        let skewed: Vec<f32> = (0..d).map(|i| 0.97f32.powi(i as i32)).collect();
+        let fit = Arc::new(Fit::new(3, &skewed, None));
+        assert!(fit.groups.len() > 1);
+        let codec = Spectral3Codec { fit: Some(fit) };
+        let mut rng = SplitMix(21);
+        let (mut read_xy, mut stored_xy, mut xx) = (0f64, 0f64, 0f64);
+        let mut row = vec![0u8; codec.bytes_per_row(d)];
+        let (mut read, mut stored) = (vec![0f32; d], vec![0f32; d]);
+        for _ in 0..2000 {
+            let x: Vec<f32> = skewed
+                .iter()
+                .map(|l| l.sqrt() * rng.gaussian() as f32)
+                .collect();
+            codec.quantize_row(&x, &mut row);
+            codec.decode_rows(d, &row, &mut read);
+            codec.finish_output(&mut read);
+            codec.dequantize_row(&row, &mut stored);
+            let dot = |y: &[f32]| x.iter().zip(y).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            read_xy += dot(&read);
+            stored_xy += dot(&stored);
+            xx += dot(&x);
+        }
+        let (read, stored) = (read_xy / xx, stored_xy / xx);
+        assert!(
+            (read - 1.0).abs() < 0.004,
+            "attention's reading: slope {read}"
+        );
+        assert!(stored < 0.99, "stored reading: slope {stored}");
     }
 
     /// Rows with most of their energy in a few directions (a rotated, steeply decaying spectrum,
@@ -534,11 +592,13 @@ mod tests {
         };
         let (f, u) = (nmse(fitted.as_ref()), nmse(&uniform));
         assert!(f < 0.5 * u, "fitted {f} vs uniform {u}");
-        // Fused paths work in the basis and agree with the dequantized row.
+        // Fused paths work in the basis and read the row as `decode_rows` does, back through
+        // the basis.
         let mut row = vec![0u8; fitted.bytes_per_row(d)];
         fitted.quantize_row(&anis[5], &mut row);
         let mut y = vec![0f32; d];
-        fitted.dequantize_row(&row, &mut y);
+        fitted.decode_rows(d, &row, &mut y);
+        fitted.finish_output(&mut y);
         let q = &anis[9];
         let mut qr = vec![0f32; d];
         fitted.prepare_query(q, &mut qr);

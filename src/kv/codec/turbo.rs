@@ -369,6 +369,12 @@ pub(crate) mod tests {
                     .map(|(a, b)| (a - b) * (a - b))
                     .sum::<f32>();
                 energy += x.iter().map(|a| a * a).sum::<f32>();
+                // The fused paths read the row as `decode_rows` does (SpectralQuant's reading
+                // differs from its stored values by each group's shrink), back in the original
+                // domain.
+                let mut y = vec![0f32; d];
+                codec.decode_rows(d, &row, &mut y);
+                codec.finish_output(&mut y);
                 let q: Vec<f32> = (0..d).map(|i| ((i * 3) as f32 * 0.11).cos()).collect();
                 let mut qr = vec![0f32; d];
                 codec.prepare_query(&q, &mut qr);
