@@ -115,12 +115,12 @@ struct Layout {
 }
 
 impl Layout {
-    /// kv.cu's `STORE_PARAMS` after the rows and sinks, for a kernel that writes rows or only
-    /// reads them.
-    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64, write: bool) {
+    /// kv.cu's `STORE_PARAMS` after the rows and sinks, for a kernel that writes rows or reads
+    /// the stored values (`stored`), or one that reads rows as attention does.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64, stored: bool) {
         b.arg(&self.codec)
             .arg(&self.row_bytes)
-            .arg(if write {
+            .arg(if stored {
                 &self.centroids
             } else {
                 &self.read_centroids
@@ -235,13 +235,20 @@ impl DeviceRows {
         layout.push(b, null, true);
     }
 
-    /// Pushes kv.cu's `STORE_PARAMS` for a kernel that reads the store.
-    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+    /// Pushes kv.cu's `STORE_PARAMS` for a kernel that reads the store as attention does, or
+    /// its values as stored.
+    fn push_read<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64, stored: bool) {
         b.arg(&self.rows).arg(&self.sinks);
-        self.layout.push(b, null, false);
+        self.layout.push(b, null, stored);
     }
 
-    /// Positions `range` of every head as values [n_kv, n, d] on the host.
+    /// Pushes kv.cu's `STORE_PARAMS` for a kernel that reads the store as attention does.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+        self.push_read(b, null, false);
+    }
+
+    /// Positions `range` of every head as values [n_kv, n, d] on the host, as stored (what the
+    /// CPU store's `read_rows` gives), not as attention reads them.
     pub fn values(
         &self,
         (n_kv, d): (usize, usize),
@@ -256,8 +263,8 @@ impl DeviceRows {
             self,
             (n_kv, d),
             capacity,
-            range.start,
-            range.len(),
+            (range.start, range.len()),
+            true,
         )?;
         Ok(x.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -355,14 +362,14 @@ fn append(
 }
 
 /// Positions `first..first+n` of every head as values [n_kv, n, d] (sink or ring rows,
-/// centering undone).
+/// centering undone), as attention reads them or, `stored`, as they were stored.
 fn dequant(
     dev: &CudaDevice,
     store: &DeviceRows,
     (n_kv, d): (usize, usize),
     capacity: usize,
-    first: usize,
-    n: usize,
+    (first, n): (usize, usize),
+    stored: bool,
 ) -> Result<Tensor> {
     let mut out = scratch(dev, n_kv * n * d)?;
     let f = func(dev, "kv_dequant")?;
@@ -371,7 +378,7 @@ fn dequant(
     let null = 0u64;
     let (cap, first_i, n_i, d_i) = (capacity as i64, first as i32, n as i32, d as i32);
     b.arg(&mut out).arg(&cap).arg(&first_i).arg(&n_i).arg(&d_i);
-    store.push(&mut b, &null);
+    store.push_read(&mut b, &null, stored);
     // SAFETY: argument types and order match `kv_dequant`; out holds n_kv · n · d values.
     unsafe { b.launch(launch_cfg((n as u32, n_kv as u32), d as u32)) }?;
     Ok(tensor(dev, out, &[n_kv, n, d]))

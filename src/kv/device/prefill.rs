@@ -82,8 +82,8 @@ fn flash(
             let (kr, vr) = (gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
             let cap = cache.k.capacity;
             Some((
-                dequant(dev, kr, (n_kv, hd), cap, a, n)?,
-                dequant(dev, vr, (n_kv, hd), cap, a, n)?,
+                dequant(dev, kr, (n_kv, hd), cap, (a, n), false)?,
+                dequant(dev, vr, (n_kv, hd), cap, (a, n), false)?,
             ))
         } else {
             None
@@ -187,7 +187,14 @@ fn matmuls(
         if a < pos {
             let rows = gpu_rows(store)?;
             let n = b.min(pos) - a;
-            parts.push(dequant(dev, rows, (n_kv, hd), store.capacity, a, n)?);
+            parts.push(dequant(
+                dev,
+                rows,
+                (n_kv, hd),
+                store.capacity,
+                (a, n),
+                false,
+            )?);
         }
         if b > pos {
             let s = a.max(pos);
