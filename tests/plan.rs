@@ -81,7 +81,7 @@ fn plan_kv_equals_what_the_engine_allocates() {
 }
 
 /// SpectralQuant's rows are planned like any type's, and its fitted bases beside them: each
-/// head's d×d basis and at most its GPU table (the host keeps smaller tables).
+/// head's d×d basis and at most its two GPU tables (the host keeps smaller ones).
 #[test]
 fn plan_counts_spectral_bases_beside_the_rows() {
     let path = common::smollm2();
@@ -96,7 +96,7 @@ fn plan_counts_spectral_bases_beside_the_rows() {
         .map(|l| l.k.state_bytes() + l.v.state_bytes())
         .sum();
     // SmolLM2: 30 layers × K and V × 3 heads of head_dim 64.
-    let tables = 4 * 2 * 30 * 3 * table_len(64);
+    let tables = 4 * 2 * 30 * 3 * 2 * table_len(64);
     assert!(
         (held..=held + tables).contains(&(planned.kv_basis_bytes as usize)),
         "planned {} vs held {held}",

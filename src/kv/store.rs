@@ -37,13 +37,13 @@ pub fn store_bytes(
 }
 
 /// Bytes of one store's fitted per-head bases (SpectralQuant; 0 for other types): each head's
-/// basis [d, d] and its table as the GPU kernels read it (the host keeps the basis and smaller
-/// tables), f32.
+/// basis [d, d] and its two tables as the GPU kernels read them, quantizing's and attention's
+/// (the host keeps the basis and smaller tables), f32.
 pub fn basis_bytes(ty: CacheType, n_kv_head: usize, head_dim: usize) -> usize {
     if !ty.codec().needs_spectrum() {
         return 0;
     }
-    4 * n_kv_head * (head_dim * head_dim + super::codec::spectral::table_len(head_dim))
+    4 * n_kv_head * (head_dim * head_dim + 2 * super::codec::spectral::table_len(head_dim))
 }
 
 /// One of K or V for one layer: `n_kv_head` rings of `capacity` rows, head-major so a head's
