@@ -363,8 +363,10 @@ struct ModelArgs {
     /// exact sink rows.
     #[arg(long)]
     no_kv_centering: bool,
-    /// SpectralQuant's calibration file (per-head bases): read if it was written for these
-    /// weights, else measured and written there. Default: beside the model.
+    /// KV calibration file (K/V means and moments; SpectralQuant's per-head bases): read if it
+    /// was written for these weights, else measured and written there. Default: beside the
+    /// model for SpectralQuant; none for the other types, which measure at each load. The same
+    /// file read on CPU and GPU makes both store the same centred rows.
     #[arg(long, value_name = "FILE")]
     kv_calibration: Option<PathBuf>,
     /// Per-layer embeddings (Gemma 4): read rows from the mapped file, or copy the table into memory.

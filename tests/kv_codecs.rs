@@ -97,6 +97,40 @@ fn spectral_calibration_is_saved_and_reused() {
     assert!(log1.contains("kv calibration: saved to"), "{log1}");
     assert!(log1.contains("fitted bases"), "{log1}");
     let (second, log2) = generate();
-    assert!(log2.contains("per-head spectra read from"), "{log2}");
+    assert!(log2.contains("kv calibration: read from"), "{log2}");
     assert_eq!(first, second);
+}
+
+/// A centered turbo cache with `--kv-calibration`: the file is written, read back on the next
+/// load, and stores the rows a fresh measurement would (same tokens); a SpectralQuant load
+/// finds no bases in it and measures again.
+#[test]
+fn calibration_file_serves_centered_turbo() {
+    let calib = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("smollm2-turbo.kv-calibration.safetensors");
+    let _ = std::fs::remove_file(&calib);
+    let generate = |ty: &str, file: bool| {
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(["run", "-p", "The capital of France is", "-n", "8"])
+            .args(["--temp", "0", "-c", "256", "-ctk", ty, "-ctv", ty, "-m"])
+            .arg(common::smollm2());
+        if file {
+            cmd.arg("--kv-calibration").arg(&calib);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+    };
+    let (first, log1) = generate("turbo3", true);
+    assert!(log1.contains("kv calibration: saved to"), "{log1}");
+    let (second, log2) = generate("turbo3", true);
+    assert!(log2.contains("kv calibration: read from"), "{log2}");
+    assert_eq!(first, second);
+    let (fresh, log3) = generate("turbo3", false);
+    assert!(!log3.contains("kv calibration: read from"), "{log3}");
+    assert_eq!(first, fresh);
+    let (_, log4) = generate("spectral4", true);
+    assert!(log4.contains("lacks what this cache needs"), "{log4}");
+    assert!(log4.contains("kv calibration: saved to"), "{log4}");
 }

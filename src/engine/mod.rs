@@ -155,42 +155,59 @@ impl Engine {
         let uses_rotation = types().any(|t| t.codec().rotates());
         let uses_spectrum = types().any(|t| t.codec().needs_spectrum());
         if (cfg.kv_centering && uses_rotation) || uses_spectrum {
-            let mut calib = if uses_spectrum {
-                let path = cfg
-                    .kv_calibration
-                    .clone()
-                    .unwrap_or_else(|| KvCalibration::path_for(&cfg.model));
-                engine.spectral_calibration(&cfg.model, &path)?
-            } else {
-                engine.calibrate(false)?
+            // SpectralQuant's bases are kept beside the model by default; centering alone is
+            // quick to measure and uses a file only where `--kv-calibration` names one.
+            let path = cfg
+                .kv_calibration
+                .clone()
+                .or_else(|| uses_spectrum.then(|| KvCalibration::path_for(&cfg.model)));
+            let mut calib = match path {
+                Some(path) => engine.stored_calibration(&cfg.model, &path, uses_spectrum)?,
+                None => engine.calibrate(false)?,
             };
+            calib.serve(&engine.model.arch, n_ctx);
+            // `DH_KV_CHANNEL_SCALE=0`: rows centered but no channel weighted, to compare.
+            if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() == Ok("0") {
+                calib.k_scale.clear();
+                calib.k_var.clear();
+                calib.v_var.clear();
+            }
             calib.center = cfg.kv_centering;
             engine.calibration = Some(calib);
         }
         Ok(engine)
     }
 
-    /// SpectralQuant's calibration: read from the file beside the model when it was written for
-    /// these weights, otherwise measured and written there (a read-only location only warns).
-    fn spectral_calibration(&self, model: &Path, path: &Path) -> Result<KvCalibration> {
+    /// The calibration kept in `path`: read when it was written for these weights (and holds
+    /// the bases when `spectra` asks for them), otherwise measured and written there (a
+    /// read-only location only warns). Read on any device, it makes the cache store the same
+    /// rows as where it was measured.
+    fn stored_calibration(
+        &self,
+        model: &Path,
+        path: &Path,
+        spectra: bool,
+    ) -> Result<KvCalibration> {
         let fp = calibration::fingerprint(model);
         if path.exists() {
             match KvCalibration::load(path, &fp) {
-                Ok(Some(c)) if c.k_mean.len() == self.model.arch.n_layer => {
-                    eprintln!(
-                        "kv calibration: K/V means and per-head spectra read from {}",
-                        path.display()
-                    );
+                Ok(Some(c))
+                    if c.k_mean.len() == self.model.arch.n_layer
+                        && c.has_moments()
+                        && (c.has_spectra() || !spectra) =>
+                {
+                    eprintln!("kv calibration: read from {}", path.display());
                     return Ok(c);
                 }
                 Ok(_) => eprintln!(
-                    "kv calibration: {} was written for other weights; measuring again",
+                    "kv calibration: {} was written for other weights or lacks what this cache \
+                     needs; measuring again",
                     path.display()
                 ),
                 Err(e) => eprintln!("warning: {e:#}; measuring the calibration again"),
             }
         }
-        let calib = self.calibrate(true)?;
+        let calib = self.calibrate(spectra)?;
         match calib.save(path, &fp) {
             Ok(()) => eprintln!("kv calibration: saved to {}", path.display()),
             Err(e) => eprintln!("warning: could not save the kv calibration: {e:#}"),
@@ -222,13 +239,7 @@ impl Engine {
             l.query_moments = Some(QueryMoments::new(Rope::for_layer(arch, il), l.k.n_kv_head));
         }
         self.prefill(&mut cache, &tokens)?;
-        let mut calib = KvCalibration::from_cache(&cache, spectra, self.n_ctx)?;
-        // `DH_KV_CHANNEL_SCALE=0`: rows centered but no channel weighted, to compare.
-        if std::env::var("DH_KV_CHANNEL_SCALE").as_deref() == Ok("0") {
-            calib.k_scale.clear();
-            calib.k_var.clear();
-            calib.v_var.clear();
-        }
+        let calib = KvCalibration::from_cache(&cache, spectra)?;
         eprintln!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
             if spectra { " and per-head spectra" } else { "" },

@@ -28,12 +28,14 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 use nalgebra::DMatrix;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::store::KvCache;
+use crate::model::arch::ModelArchitecture;
 use crate::model::layers::Rope;
 
 /// Original prose (written for this project) that the model reads to measure its K/V means.
@@ -143,22 +145,18 @@ impl QueryMoments {
         self.count += q.len() / (hd * self.n_kv_head);
     }
 
-    /// K's centre and channel weights for positions `0..horizon`, from the layer's K rows
-    /// `k_rows` [n_kv_head, n, head_dim] stored at positions `pos0..pos0 + n`: the centre is the
-    /// rows' mean as RoPE carries it over the context, the weights (empty before any query was
-    /// added) `(E q² / Var k)^¼` per channel over the same positions, and `Var k` itself.
-    fn k_centering(&self, k_rows: &[f32], pos0: usize, horizon: usize) -> [Vec<f32>; 3] {
+    /// The RoPE-pair moments of the layer's K rows `k_rows` [n_kv_head, n, head_dim], stored at
+    /// positions `pos0..pos0 + n`, beside the queries' so far.
+    fn pair_moments(&self, k_rows: &[f32], pos0: usize) -> PairMoments {
         let freqs = self.rope.inv_freq();
         let pairs = freqs.len();
         let hd = 2 * pairs;
         let per_head = k_rows.len() / self.n_kv_head;
         let n = (per_head / hd).max(1) as f64;
-        let mut centre = vec![0f32; self.n_kv_head * hd];
-        let (mut scale, mut var) = (Vec::new(), Vec::new());
-        for h in 0..self.n_kv_head {
+        let mut k = Vec::with_capacity(self.n_kv_head * pairs);
+        for rows in k_rows.chunks_exact(per_head.max(1)) {
             // Per pair: Σ a, Σ b, Σ a², Σ b², Σ ab of the un-rotated rows.
             let mut sums = vec![[0f64; 5]; pairs];
-            let rows = &k_rows[h * per_head..(h + 1) * per_head];
             for (j, row) in rows.chunks_exact(hd).enumerate() {
                 for ((i, s), &f) in sums.iter_mut().enumerate().zip(freqs) {
                     let (a, b) = self.rope.pair(i);
@@ -168,20 +166,57 @@ impl QueryMoments {
                     }
                 }
             }
+            k.extend(sums.iter().map(|s| s.map(|x| x / n)));
+        }
+        let q = if self.count > 0 {
+            let count = self.count as f64;
+            self.sums.iter().map(|s| s.map(|x| x / count)).collect()
+        } else {
+            Vec::new()
+        };
+        PairMoments { k, q }
+    }
+}
+
+/// One layer's K and query moments per (KV head, RoPE pair), turned back to position 0: what K's
+/// centre, channel weights and variance over a context of any length are computed from. They
+/// are what the calibration file keeps, so one file serves every `-c`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairMoments {
+    /// E a, E b, E a², E b², E ab of the un-rotated K rows.
+    pub k: Vec<[f64; 5]>,
+    /// E a², E b², E ab of the un-rotated queries; empty when no query was seen.
+    pub q: Vec<[f64; 3]>,
+}
+
+impl PairMoments {
+    /// K's centre, channel weights and variance per channel for positions `0..horizon`, each
+    /// `n_kv_head × head_dim`: the centre is the rows' mean as RoPE carries it over the context,
+    /// the weights (empty without queries) `(E q² / Var k)^¼` per channel over the same
+    /// positions.
+    fn centering(&self, rope: &Rope, horizon: usize) -> [Vec<f32>; 3] {
+        let freqs = rope.inv_freq();
+        let pairs = freqs.len();
+        let hd = 2 * pairs;
+        let n_kv_head = self.k.len() / pairs.max(1);
+        let mut centre = vec![0f32; n_kv_head * hd];
+        let (mut scale, mut var) = (Vec::new(), Vec::new());
+        for h in 0..n_kv_head {
             let (mut k2, mut q2) = (vec![0f64; hd], vec![0f64; hd]);
-            for ((i, s), &f) in sums.iter().enumerate().zip(freqs) {
-                let (a, b) = self.rope.pair(i);
+            for (i, &f) in freqs.iter().enumerate() {
+                let (a, b) = rope.pair(i);
+                let m = self.k[h * pairs + i];
                 let (c1, s1) = mean_phase(f as f64, horizon);
-                let (ma, mb) = (s[0] / n, s[1] / n);
-                let (ca, cb) = (c1 * ma - s1 * mb, s1 * ma + c1 * mb);
+                let (ca, cb) = (c1 * m[0] - s1 * m[1], s1 * m[0] + c1 * m[1]);
                 centre[h * hd + a] = ca as f32;
                 centre[h * hd + b] = cb as f32;
-                let [ea, eb] = turned_energy([s[2] / n, s[3] / n, s[4] / n], f, horizon);
+                let [ea, eb] = turned_energy([m[2], m[3], m[4]], f, horizon);
                 (k2[a], k2[b]) = (ea - ca * ca, eb - cb * cb);
-                let qm = self.sums[h * pairs + i].map(|x| x / self.count.max(1) as f64);
-                [q2[a], q2[b]] = turned_energy(qm, f, horizon);
+                if let Some(&qm) = self.q.get(h * pairs + i) {
+                    [q2[a], q2[b]] = turned_energy(qm, f, horizon);
+                }
             }
-            if self.count > 0 {
+            if !self.q.is_empty() {
                 scale.extend(channel_scales(&q2, &k2));
             }
             var.extend(k2.iter().map(|&v| v as f32));
@@ -237,7 +272,6 @@ pub struct KvCalibration {
     /// with `q ⊘ s` moves the error to the channels queries weigh least. With the codec's error
     /// isotropic and proportional to ‖s ⊙ k‖², the expected squared score error
     /// `Σ q_c²/s_c² · Σ s_c² k_c²` is least at `s_c = (E q_c² / E k_c²)^¼` (InnerQ's idea).
-    /// Not written to the calibration file: one read back from it leaves K unweighted.
     pub k_scale: Vec<Vec<f32>>,
     /// Per layer, the K centre rotation codecs store rows around, `n_kv_head × head_dim`: the
     /// mean K has over the served context (see the module notes), where `k_mean` is the mean
@@ -250,6 +284,9 @@ pub struct KvCalibration {
     /// Per layer, V's variance per channel around `v_mean`, `n_kv_head × head_dim` (empty when
     /// not measured).
     pub v_var: Vec<Vec<f32>>,
+    /// Per layer, the moments `k_center`, `k_scale` and `k_var` are computed from for a context
+    /// ([`serve`](Self::serve)); `None` where the layer stores nothing.
+    pub moments: Vec<Option<PairMoments>>,
 }
 
 /// Channel weights are kept within this factor of 1, so a channel the calibration text barely
@@ -314,9 +351,9 @@ impl KvCalibration {
     /// Means (and with `spectra`, covariance spectra) over the positions stored in `cache` (an
     /// f32 cache that has read the calibration text), leaving out position 0: the first token is
     /// an attention sink whose K/V are unlike the rest. Sliding-window layers use the rows they
-    /// still hold. Where the pass kept [`QueryMoments`], K's centre and channel weights are
-    /// computed for positions `0..horizon` (the context the cache will serve).
-    pub fn from_cache(cache: &KvCache, spectra: bool, horizon: usize) -> Result<Self> {
+    /// still hold. Where the pass kept [`QueryMoments`], K's and the queries' pair moments are
+    /// kept for [`serve`](Self::serve).
+    pub fn from_cache(cache: &KvCache, spectra: bool) -> Result<Self> {
         let n = cache.len;
         let mut out = Self {
             tokens: n,
@@ -329,6 +366,7 @@ impl KvCalibration {
             k_center: Vec::new(),
             k_var: Vec::new(),
             v_var: Vec::new(),
+            moments: Vec::new(),
         };
         for layer in &cache.layers {
             let hd = layer.head_dim;
@@ -336,8 +374,7 @@ impl KvCalibration {
                 .sliding_window
                 .map_or(1, |w| n.saturating_sub(w).max(1))
                 .min(n);
-            let [mut k_center, mut k_scale, mut k_var, mut v_var]: [Vec<f32>; 4] =
-                Default::default();
+            let (mut moments, mut v_var) = (None, Vec::new());
             for (k, store, means, specs) in [
                 (true, &layer.k, &mut out.k_mean, &mut out.k_spectra),
                 (false, &layer.v, &mut out.v_mean, &mut out.v_spectra),
@@ -367,7 +404,7 @@ impl KvCalibration {
                         }
                     }
                     if let Some(qm) = layer.query_moments.as_ref().filter(|_| k) {
-                        [k_center, k_scale, k_var] = qm.k_centering(&all, lo, horizon);
+                        moments = Some(qm.pair_moments(&all, lo));
                     }
                 }
                 means.push(mean);
@@ -375,17 +412,30 @@ impl KvCalibration {
                     specs.push(layer_spectra);
                 }
             }
-            out.k_center.push(k_center);
-            out.k_scale.push(k_scale);
-            out.k_var.push(k_var);
+            out.moments.push(moments);
             out.v_var.push(v_var);
         }
         Ok(out)
     }
+
+    /// Fills K's centre, channel weights and variance for a cache serving positions
+    /// `0..horizon` from the kept moments.
+    pub fn serve(&mut self, arch: &ModelArchitecture, horizon: usize) {
+        [self.k_center, self.k_scale, self.k_var] = Default::default();
+        for (il, m) in self.moments.iter().enumerate() {
+            let [c, s, v] = m
+                .as_ref()
+                .map(|m| m.centering(&Rope::for_layer(arch, il), horizon))
+                .unwrap_or_default();
+            self.k_center.push(c);
+            self.k_scale.push(s);
+            self.k_var.push(v);
+        }
+    }
 }
 
 /// Format tag of saved calibrations; a file with another tag is measured again.
-const FILE_FORMAT: &str = "dhurandhar-kv-calibration-1";
+const FILE_FORMAT: &str = "dhurandhar-kv-calibration-2";
 
 impl KvCalibration {
     /// Where a model's calibration is kept: beside a model file (`M.gguf.kv-calibration`), or
@@ -400,35 +450,72 @@ impl KvCalibration {
         }
     }
 
-    /// Writes means and spectra as safetensors: per layer `k.{il}.mean` [n_kv, d],
+    /// Writes means, spectra and moments as safetensors: per layer `k.{il}.mean` [n_kv, d],
     /// `k.{il}.eigenvalues` [n_kv, d], `k.{il}.vt` [n_kv, d, d], and the same for `v`;
-    /// `fingerprint` (the model's) goes in the metadata.
+    /// `k.{il}.moments` [n_kv·d/2, 5] and `q.{il}.moments` [n_kv·d/2, 3] (f64), `v.{il}.var`
+    /// [n_kv, d]; `fingerprint` (the model's) goes in the metadata. Written beside `path` and
+    /// renamed over it, so a reader never sees half a file.
     pub fn save(&self, path: &Path, fingerprint: &str) -> Result<()> {
-        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let f32s = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
         for (kv, means, spectra) in [
             ("k", &self.k_mean, &self.k_spectra),
             ("v", &self.v_mean, &self.v_spectra),
         ] {
-            let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
             for (il, mean) in means.iter().enumerate() {
-                bufs.push((format!("{kv}.{il}.mean"), vec![mean.len()], bytes(mean)));
+                bufs.push((
+                    format!("{kv}.{il}.mean"),
+                    Dtype::F32,
+                    vec![mean.len()],
+                    f32s(mean),
+                ));
                 let Some(specs) = spectra.get(il).filter(|s| !s.is_empty()) else {
                     continue;
                 };
                 let (h, d) = (specs.len(), specs[0].eigenvalues.len());
                 let eig: Vec<f32> = specs.iter().flat_map(|s| s.eigenvalues.clone()).collect();
                 let vt: Vec<f32> = specs.iter().flat_map(|s| s.vt.iter().copied()).collect();
-                bufs.push((format!("{kv}.{il}.eigenvalues"), vec![h, d], bytes(&eig)));
-                bufs.push((format!("{kv}.{il}.vt"), vec![h, d, d], bytes(&vt)));
+                bufs.push((
+                    format!("{kv}.{il}.eigenvalues"),
+                    Dtype::F32,
+                    vec![h, d],
+                    f32s(&eig),
+                ));
+                bufs.push((
+                    format!("{kv}.{il}.vt"),
+                    Dtype::F32,
+                    vec![h, d, d],
+                    f32s(&vt),
+                ));
+            }
+        }
+        for (il, m) in self.moments.iter().enumerate() {
+            let Some(m) = m else { continue };
+            for (name, width, flat) in [
+                ("k", 5, m.k.iter().flatten().copied().collect::<Vec<f64>>()),
+                ("q", 3, m.q.iter().flatten().copied().collect()),
+            ] {
+                if !flat.is_empty() {
+                    let shape = vec![flat.len() / width, width];
+                    let bytes = bytemuck::cast_slice::<f64, u8>(&flat).to_vec();
+                    bufs.push((format!("{name}.{il}.moments"), Dtype::F64, shape, bytes));
+                }
+            }
+        }
+        for (il, var) in self.v_var.iter().enumerate() {
+            if !var.is_empty() {
+                bufs.push((
+                    format!("v.{il}.var"),
+                    Dtype::F32,
+                    vec![var.len()],
+                    f32s(var),
+                ));
             }
         }
         let views = bufs
             .iter()
-            .map(|(name, shape, data)| {
-                Ok((
-                    name.clone(),
-                    TensorView::new(Dtype::F32, shape.clone(), data)?,
-                ))
+            .map(|(name, dtype, shape, data)| {
+                Ok((name.clone(), TensorView::new(*dtype, shape.clone(), data)?))
             })
             .collect::<Result<Vec<_>>>()?;
         let meta = HashMap::from([
@@ -437,12 +524,20 @@ impl KvCalibration {
             ("tokens".to_string(), self.tokens.to_string()),
             ("layers".to_string(), self.k_mean.len().to_string()),
         ]);
-        safetensors::serialize_to_file(views, Some(meta), path)
-            .with_context(|| format!("writing {}", path.display()))
+        // Unique per writer, so two loads saving at once each rename a whole file.
+        static WRITES: AtomicUsize = AtomicUsize::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(format!(".{}-{n}.partial", std::process::id()));
+        let partial = PathBuf::from(partial);
+        safetensors::serialize_to_file(views, Some(meta), &partial)
+            .with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reads a file [`save`](Self::save) wrote for the model with `fingerprint`; `None` when it
-    /// was written for another model or format (the caller measures again).
+    /// was written for another model or format (the caller measures again). K's centre and
+    /// weights are left for [`serve`](Self::serve).
     pub fn load(path: &Path, fingerprint: &str) -> Result<Option<Self>> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let st = SafeTensors::deserialize(&bytes)
@@ -455,21 +550,35 @@ impl KvCalibration {
         }
         let layers: usize = get("layers").unwrap_or("0").parse()?;
         let tokens: usize = get("tokens").unwrap_or("0").parse()?;
-        let floats = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let tensor = |name: &str, dtype: Dtype| -> Result<Option<(Vec<usize>, &[u8])>> {
             match st.tensor(name) {
-                Ok(t) => {
-                    if t.dtype() != Dtype::F32 {
-                        bail!("{}: {name} is not f32", path.display());
-                    }
-                    let v = t
-                        .data()
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    Ok(Some((t.shape().to_vec(), v)))
+                Ok(t) if t.dtype() != dtype => {
+                    bail!("{}: {name} is not {dtype:?}", path.display())
                 }
+                Ok(t) => Ok(Some((t.shape().to_vec(), t.data()))),
                 Err(_) => Ok(None),
             }
+        };
+        let floats = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+            Ok(tensor(name, Dtype::F32)?.map(|(shape, data)| {
+                let v = data.chunks_exact(4);
+                (
+                    shape,
+                    v.map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            }))
+        };
+        let moments = |name: &str, width: usize| -> Result<Vec<f64>> {
+            let Some((shape, data)) = tensor(name, Dtype::F64)? else {
+                return Ok(Vec::new());
+            };
+            if shape.len() != 2 || shape[1] != width {
+                bail!("{}: {name} has shape {shape:?}", path.display());
+            }
+            let v = data.chunks_exact(8);
+            Ok(v.map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect())
         };
         let mut out = Self {
             tokens,
@@ -482,6 +591,7 @@ impl KvCalibration {
             k_center: Vec::new(),
             k_var: Vec::new(),
             v_var: Vec::new(),
+            moments: Vec::new(),
         };
         for kv in ["k", "v"] {
             for il in 0..layers {
@@ -519,7 +629,37 @@ impl KvCalibration {
                 spectra.push(specs);
             }
         }
+        for il in 0..layers {
+            let k = moments(&format!("k.{il}.moments"), 5)?;
+            let q = moments(&format!("q.{il}.moments"), 3)?;
+            if !q.is_empty() && q.len() / 3 != k.len() / 5 {
+                bail!(
+                    "{}: layer {il} K and query moments disagree",
+                    path.display()
+                );
+            }
+            out.moments.push((!k.is_empty()).then(|| PairMoments {
+                k: k.chunks_exact(5).map(|c| c.try_into().unwrap()).collect(),
+                q: q.chunks_exact(3).map(|c| c.try_into().unwrap()).collect(),
+            }));
+            let var = floats(&format!("v.{il}.var"))?;
+            out.v_var.push(var.map(|(_, v)| v).unwrap_or_default());
+        }
         Ok(Some(out))
+    }
+
+    /// Whether K's centre over a context can be computed ([`serve`](Self::serve)): the file
+    /// kept the moments of some layer.
+    pub fn has_moments(&self) -> bool {
+        self.moments.iter().any(Option::is_some)
+    }
+
+    /// Whether SpectralQuant's per-head bases were measured.
+    pub fn has_spectra(&self) -> bool {
+        self.k_spectra
+            .iter()
+            .chain(&self.v_spectra)
+            .any(|s| !s.is_empty())
     }
 }
 
@@ -600,7 +740,14 @@ mod tests {
             k_scale: Vec::new(),
             k_center: Vec::new(),
             k_var: Vec::new(),
-            v_var: Vec::new(),
+            v_var: vec![vec![0.25; 2 * d], vec![]],
+            moments: vec![
+                Some(PairMoments {
+                    k: (0..d).map(|i| [i as f64, 1.0, 2.0, 3.0, 1e-9]).collect(),
+                    q: (0..d).map(|i| [i as f64 + 0.1, 2.0, -0.3]).collect(),
+                }),
+                None,
+            ],
         };
         let dir = std::env::temp_dir().join(format!("dh-calib-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -659,7 +806,8 @@ mod tests {
         }
         qm.add(&q, 1);
 
-        let [near, near_scale, _] = qm.k_centering(&keys, pos0, pos0 + n);
+        let moments = qm.pair_moments(&keys, pos0);
+        let [near, near_scale, _] = moments.centering(&rope, pos0 + n);
         let mut mean = vec![0f32; hd];
         for row in keys.chunks_exact(hd) {
             for (m, x) in mean.iter_mut().zip(row) {
@@ -677,7 +825,7 @@ mod tests {
             "{near_scale:?}"
         );
 
-        let [far, scale, _] = qm.k_centering(&keys, pos0, 65536);
+        let [far, scale, _] = moments.centering(&rope, 65536);
         for c in 0..4 {
             assert!(far[c].abs() < 0.15, "channel {c}: {far:?}");
         }
