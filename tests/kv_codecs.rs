@@ -134,3 +134,43 @@ fn calibration_file_serves_centered_turbo() {
     assert!(log4.contains("lacks what this cache needs"), "{log4}");
     assert!(log4.contains("kv calibration: saved to"), "{log4}");
 }
+
+/// A calibration file carrying these weights' fingerprint but shapes that do not fit them (here
+/// one layer's moments cut short) is measured again and rewritten, not read into the stores.
+#[test]
+fn calibration_file_that_does_not_fit_is_measured_again() {
+    use dhurandhar::engine::{Engine, EngineConfig};
+    use dhurandhar::kv::calibration::{KvCalibration, fingerprint};
+    let model = common::fixture("llama");
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("llama-misfit.kv-calibration.safetensors");
+    let _ = std::fs::remove_file(&path);
+    let load = || {
+        Engine::load(&EngineConfig {
+            model: model.clone(),
+            n_ctx: 64,
+            cache_k: CacheType::Turbo3,
+            cache_v: CacheType::Turbo3,
+            chat_template: None,
+            kv_layer_policy: Some("uniform".into()),
+            kv_centering: true,
+            ple_resident: false,
+            kv_calibration: Some(path.clone()),
+            device: Default::default(),
+            n_gpu_layers: None,
+        })
+        .unwrap()
+    };
+    let good = load().calibration.unwrap();
+    let fp = fingerprint(&model);
+    let saved = KvCalibration::load(&path, &fp).unwrap().unwrap();
+    assert_eq!(saved.moments, good.moments);
+    let mut bad = saved.clone();
+    bad.moments[0].as_mut().unwrap().k.pop();
+    bad.save(&path, &fp).unwrap();
+    let again = load().calibration.unwrap();
+    assert_eq!(again.moments, good.moments);
+    assert_eq!(again.k_center, good.k_center);
+    let rewritten = KvCalibration::load(&path, &fp).unwrap().unwrap();
+    assert_eq!(rewritten.moments, good.moments);
+}

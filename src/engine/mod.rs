@@ -192,7 +192,7 @@ impl Engine {
         if path.exists() {
             match KvCalibration::load(path, &fp) {
                 Ok(Some(c))
-                    if c.k_mean.len() == self.model.arch.n_layer
+                    if c.fits(&self.model.arch)
                         && c.has_moments()
                         && (c.has_spectra() || !spectra) =>
                 {

@@ -35,7 +35,7 @@ use nalgebra::DMatrix;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::store::KvCache;
-use crate::model::arch::ModelArchitecture;
+use crate::model::arch::{LayerGeometry, ModelArchitecture};
 use crate::model::layers::Rope;
 
 /// Original prose (written for this project) that the model reads to measure its K/V means.
@@ -652,6 +652,41 @@ impl KvCalibration {
     /// kept the moments of some layer.
     pub fn has_moments(&self) -> bool {
         self.moments.iter().any(Option::is_some)
+    }
+
+    /// Whether every layer's means, moments, variances and bases have `arch`'s shapes (a file
+    /// from other weights that happened to share the fingerprint would not).
+    pub fn fits(&self, arch: &ModelArchitecture) -> bool {
+        let per_layer = |v: usize| v == arch.n_layer;
+        if !per_layer(self.k_mean.len())
+            || !per_layer(self.v_mean.len())
+            || !per_layer(self.moments.len())
+            || !per_layer(self.v_var.len())
+        {
+            return false;
+        }
+        let spectra_fit = |specs: &Vec<Vec<Spectrum>>, il: usize, g: &LayerGeometry| {
+            specs.get(il).is_none_or(|s| {
+                s.is_empty()
+                    || (s.len() == g.n_kv_head
+                        && s.iter().all(|x| {
+                            x.eigenvalues.len() == g.head_dim
+                                && x.vt.len() == g.head_dim * g.head_dim
+                        }))
+            })
+        };
+        arch.layers.iter().enumerate().all(|(il, g)| {
+            let n = g.n_kv_head * g.head_dim;
+            let pairs = n / 2;
+            self.k_mean[il].len() == n
+                && self.v_mean[il].len() == n
+                && [0, n].contains(&self.v_var[il].len())
+                && self.moments[il]
+                    .as_ref()
+                    .is_none_or(|m| m.k.len() == pairs && [0, pairs].contains(&m.q.len()))
+                && spectra_fit(&self.k_spectra, il, g)
+                && spectra_fit(&self.v_spectra, il, g)
+        })
     }
 
     /// Whether SpectralQuant's per-head bases were measured.
