@@ -240,9 +240,9 @@ struct NeedleArgs {
     /// Context lengths in tokens (comma list).
     #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
     lengths: Vec<usize>,
-    /// Where the needle sits, as a fraction of the filler.
-    #[arg(long, default_value_t = 0.1)]
-    depth: f64,
+    /// Where the needle sits, as fractions of the filler (comma list; every length at each).
+    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    depth: Vec<f64>,
     /// Plain text completion instead of the chat template.
     #[arg(long)]
     raw: bool,
@@ -945,9 +945,19 @@ fn main() -> ExitCode {
             use dhurandhar::bench::needle::run_one;
             let filler = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;
+            if let Some(d) = a.depth.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+                anyhow::bail!("--depth {d} is not a fraction between 0 and 1");
+            }
             println!("| cache K/V | context | depth | pass | answer |\n|---|---|---|---|---|");
-            for &n in &a.lengths {
-                let r = run_one(&e, &filler, n, a.depth, a.raw)?;
+            let cells: Vec<(f64, usize)> = a
+                .depth
+                .iter()
+                .flat_map(|&d| a.lengths.iter().map(move |&n| (d, n)))
+                .collect();
+            let mut passed = 0;
+            for &(depth, n) in &cells {
+                let r = run_one(&e, &filler, n, depth, a.raw)?;
+                passed += r.pass as usize;
                 println!(
                     "| {}/{} | {} | {:.2} | {} | {} |",
                     a.model.cache_type_k,
@@ -958,6 +968,7 @@ fn main() -> ExitCode {
                     r.answer.replace('|', "/").replace('\n', " ")
                 );
             }
+            eprintln!("needle: {passed} of {} passed", cells.len());
             Ok(())
         }),
         Command::Perplexity(a) => a.model.engine().and_then(|e| {

@@ -174,3 +174,38 @@ fn calibration_file_that_does_not_fit_is_measured_again() {
     let rewritten = KvCalibration::load(&path, &fp).unwrap().unwrap();
     assert_eq!(rewritten.moments, good.moments);
 }
+
+/// The needle probe through the binary: a table row per (depth, length) on stdout, the count on
+/// stderr; the f16 cache finds a needle 20% into a 600-token prompt, and a depth outside 0..1 is
+/// refused.
+#[test]
+fn needle_reports_every_cell() {
+    let wiki = common::shared_dir().join("data/wikitext-2-raw-test.txt");
+    let needle = |depth: &str| {
+        std::process::Command::new(common::bin())
+            .args(["needle", "--raw", "--lengths", "600", "-c", "1024"])
+            .args(["--depth", depth, "-m"])
+            .arg(common::smollm2())
+            .arg("-f")
+            .arg(&wiki)
+            .output()
+            .unwrap()
+    };
+    let out = needle("0.2,0.6");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| f16")).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(
+        rows[0].contains("| 0.20 | yes | violet-harbor-7291"),
+        "{stdout}"
+    );
+    assert!(rows[1].contains("| 0.60 |"), "{stdout}");
+    assert!(stderr.contains("needle: "), "{stderr}");
+    let bad = needle("1.5");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--depth 1.5 is not a fraction"));
+}
