@@ -243,6 +243,48 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
     if (lane < 16) b[2 + lane] = (uint8_t)(q | (q_hi << 4));
 }
 
+// Scales a block codec tries on a unit group: k/16 for k in BLOCK_SCALE_LO.. (16 of them).
+#define BLOCK_SCALE_LO 10
+#define BLOCK_SCALES 16
+
+// The scale for thread i's group of the rotated unit row `s` (d values, groups of g) whose codes
+// point closest to it, as src/kv/codec/turbo.rs's best_scale picks it: one thread per (group,
+// scale) sums over the group in index order, one rounding per step (no fused multiply-adds),
+// and the first best scale wins, so the bytes are the CPU's. Every thread of the block must
+// call it.
+__device__ float block_scale(const float* s, int d, int g, const float* __restrict__ cb,
+                             const float* __restrict__ mids, int n_mids) {
+    __shared__ float cosines[MAX_RD / 64 * BLOCK_SCALES];
+    __shared__ float best[MAX_RD / 64];
+    const int i = threadIdx.x, n_groups = d / g;
+    if (i < n_groups * BLOCK_SCALES) {
+        const float* u = s + (i / BLOCK_SCALES) * g;
+        const float sc = (float)(BLOCK_SCALE_LO + i % BLOCK_SCALES) / 16.f;
+        float dot = 0.f, cc = 0.f;
+        for (int j = 0; j < g; j++) {
+            const float x = __fmul_rn(u[j], sc);
+            int c = 0;
+            for (int k = 0; k < n_mids; k++) c += mids[k] <= x;
+            const float yc = cb[c];
+            dot = __fadd_rn(dot, __fmul_rn(yc, u[j]));
+            cc = __fadd_rn(cc, __fmul_rn(yc, yc));
+        }
+        cosines[i] = dot / fmaxf(sqrtf(cc), 1e-10f);
+    }
+    __syncthreads();
+    if (i < n_groups) {
+        float top = -INFINITY;
+        for (int k = 0; k < BLOCK_SCALES; k++) {
+            if (cosines[i * BLOCK_SCALES + k] > top) {
+                top = cosines[i * BLOCK_SCALES + k];
+                best[i] = (float)(BLOCK_SCALE_LO + k) / 16.f;
+            }
+        }
+    }
+    __syncthreads();
+    return i < d ? best[i / g] : 1.f;
+}
+
 // Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` (null:
 // nowhere, for `own` alone) with
 // `codec` (turbo: codebook `cb` and its decision points `mids`, rotation `rot_blk`/`rot` as in
@@ -271,8 +313,9 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     if (i < d) s[i] = val * inv;
     rotate_shared(s, d, false, rot_blk, rot);
     const float y = i < d ? s[i] : 0.f;
+    const float x = rot_blk > 0 ? __fmul_rn(y, block_scale(s, d, g, cb, mids, n_mids)) : y;
     int c = 0;
-    for (int k = 0; k < n_mids; k++) c += mids[k] <= y;
+    for (int k = 0; k < n_mids; k++) c += mids[k] <= x;
     const float r = cb[c];
     const float recon = sqrtf(group_sum(r * r, warp_sums, g));
     const float corrected = recon > 1e-10f ? norm / recon : norm;

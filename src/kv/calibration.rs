@@ -796,6 +796,20 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Evened weights give every block the same energy per value and keep the ratios within a
+    /// block.
+    #[test]
+    fn balanced_blocks_hold_equal_energy() {
+        let (hd, blocks) = (8, [0..4, 4..8]);
+        let scale = [1.0f32, 2.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0];
+        let var = [9.0f32, 1.0, 1.0, 1.0, 0.1, 0.2, 0.1, 0.1];
+        let s = balance_blocks(&scale, &var, hd, &blocks);
+        let energy = |b: &Range<usize>| b.clone().map(|c| s[c] * s[c] * var[c]).sum::<f32>();
+        let (e0, e1) = (energy(&blocks[0]), energy(&blocks[1]));
+        assert!((e0 / e1 - 1.0).abs() < 1e-4, "{e0} vs {e1}");
+        assert!((s[1] / s[0] - 2.0).abs() < 1e-5 && (s[6] / s[4] - 0.5).abs() < 1e-5);
+    }
+
     #[test]
     fn mean_phase_is_the_mean_over_positions() {
         for (omega, n) in [(0.0, 100), (1.0, 1), (1.0, 7), (0.3, 1000), (2e-5, 65536)] {

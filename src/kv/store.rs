@@ -749,33 +749,6 @@ mod tests {
         );
     }
 
-    /// A block rotation cannot spread a loud block over the row as the WHT does: keys with one
-    /// loud channel pair (as RoPE's slow pairs often are) overload iso4's codebook in their
-    /// block unless the weights even the blocks out.
-    #[test]
-    fn balanced_weights_cut_a_block_codecs_score_error() {
-        let (hd, n) = (64, 200);
-        let wave = |a: usize, b: usize| ((a * 29 + b * 13) as f32 * 0.617).sin();
-        let key = |p: usize| -> Vec<f32> {
-            (0..hd)
-                .map(|i| wave(p, i) * if i < 2 { 10.0 } else { 0.5 })
-                .collect()
-        };
-        let query = |j: usize| -> Vec<f32> { (0..hd).map(|i| wave(j + 1000, i)).collect() };
-        let (q2, k2) = energies(n, &key, &query);
-        let weights = crate::kv::calibration::channel_scales(&q2, &k2);
-        let var: Vec<f32> = k2.iter().map(|&v| v as f32).collect();
-        let blocks = CacheType::Iso4.codec().mixed_blocks(hd);
-        assert_eq!((blocks.len(), blocks[1].clone()), (16, 4..8));
-        let balanced = crate::kv::calibration::balance_blocks(&weights, &var, hd, &blocks);
-        let error = |scale| score_error(CacheType::Iso4, n, &key, &query, scale);
-        let (innerq, even) = (error(Some(weights)), error(Some(balanced)));
-        assert!(
-            even < 0.5 * innerq,
-            "iso4 score error with balanced weights {even} vs InnerQ's {innerq}"
-        );
-    }
-
     /// A V store with channel weights gives back the weighted sum of its values, weights and
     /// mean undone by `finish_values`.
     #[test]

@@ -125,6 +125,34 @@ fn table(cb: &Codebook) -> [f32; 16] {
     t
 }
 
+/// Scales a block codec tries on a unit group before indexing it: k/16 for k in this range
+/// (exact in f32, 0.625 to 1.5625).
+const BLOCK_SCALES: std::ops::RangeInclusive<u32> = 10..=25;
+
+/// The scale of the rotated unit group `u` whose codes decode closest in direction to it
+/// (highest cosine between `u` and its centroids). A block rotation mixes only 2–4 values, so
+/// its coordinates are not the N(0, 1/g) the codebook was fitted to, and the codebook's own
+/// scale is often not the best; the stored norm is corrected afterwards as always, so decoding
+/// is unchanged. Sums run in index order with one rounding per step and the first best wins:
+/// the GPU's `store_row` repeats this exactly, so both store the same bytes.
+fn best_scale(cb: &Codebook, u: &[f32]) -> f32 {
+    let mut best = (f32::NEG_INFINITY, 1.0);
+    for k in BLOCK_SCALES {
+        let sc = k as f32 / 16.0;
+        let (mut dot, mut cc) = (0f32, 0f32);
+        for &v in u {
+            let y = cb.centroids[cb.index(v * sc) as usize];
+            dot += y * v;
+            cc += y * y;
+        }
+        let cos = dot / cc.sqrt().max(1e-10);
+        if cos > best.0 {
+            best = (cos, sc);
+        }
+    }
+    best.1
+}
+
 impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
     fn codebook(g: usize) -> &'static Codebook {
         lloyd_max::turbo(g, L::BITS)
@@ -141,10 +169,15 @@ impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
             *b = v * inv;
         }
         R::forward(buf);
+        let scale = if R::BLOCK > 0 {
+            best_scale(cb, buf)
+        } else {
+            1.0
+        };
         let mut codes = [0u8; 128];
         let mut recon = 0f32;
         for (c, v) in codes.iter_mut().zip(buf.iter()) {
-            *c = cb.index(*v);
+            *c = cb.index(*v * scale);
             let y = cb.centroids[*c as usize];
             recon += y * y;
         }
@@ -319,6 +352,42 @@ pub(crate) mod simd {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A block rotation leaves a loud block loud, so at the codebook's own scale the row's codes
+    /// clip; the scale `best_scale` picks points them closer to the row, and a row the codebook
+    /// fits keeps a scale near 1.
+    #[test]
+    fn block_codecs_pick_the_scale_that_fits_the_row() {
+        use super::super::iso::Quaternions;
+        let cb = lloyd_max::turbo(64, 3);
+        let unit = |loud: f32| {
+            let mut u: Vec<f32> = (0..64)
+                .map(|i| ((i * 29) as f32 * 0.617).sin() * if i < 2 { loud } else { 0.5 })
+                .collect();
+            let n = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+            u.iter_mut().for_each(|x| *x /= n);
+            Quaternions::forward(&mut u);
+            u
+        };
+        let cosine = |u: &[f32], sc: f32| {
+            let c: Vec<f32> = u
+                .iter()
+                .map(|v| cb.centroids[cb.index(v * sc) as usize])
+                .collect();
+            let dot: f32 = c.iter().zip(u).map(|(a, b)| a * b).sum();
+            dot / c.iter().map(|x| x * x).sum::<f32>().sqrt()
+        };
+        let loud = unit(10.0);
+        let best = best_scale(&cb, &loud);
+        assert!(
+            cosine(&loud, best) > cosine(&loud, 1.0) + 0.01,
+            "scale {best}: cosine {} vs {} at 1",
+            cosine(&loud, best),
+            cosine(&loud, 1.0)
+        );
+        let even = unit(0.5);
+        assert!((cosine(&even, best_scale(&cb, &even)) - cosine(&even, 1.0)).abs() < 0.01);
+    }
 
     /// Heavy-tailed test rows: a few large channels over a smooth background, like real K.
     pub fn rows(n: usize, d: usize) -> Vec<Vec<f32>> {
