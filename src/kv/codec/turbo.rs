@@ -378,7 +378,7 @@ pub(crate) mod tests {
             dot / c.iter().map(|x| x * x).sum::<f32>().sqrt()
         };
         let loud = unit(10.0);
-        let best = best_scale(&cb, &loud);
+        let best = best_scale(cb, &loud);
         assert!(
             cosine(&loud, best) > cosine(&loud, 1.0) + 0.01,
             "scale {best}: cosine {} vs {} at 1",
@@ -386,7 +386,7 @@ pub(crate) mod tests {
             cosine(&loud, 1.0)
         );
         let even = unit(0.5);
-        assert!((cosine(&even, best_scale(&cb, &even)) - cosine(&even, 1.0)).abs() < 0.01);
+        assert!((cosine(&even, best_scale(cb, &even)) - cosine(&even, 1.0)).abs() < 0.01);
     }
 
     /// Heavy-tailed test rows: a few large channels over a smooth background, like real K.
