@@ -243,7 +243,7 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
     if (lane < 16) b[2 + lane] = (uint8_t)(q | (q_hi << 4));
 }
 
-// Scales a block codec tries on a unit group: k/16 for k in BLOCK_SCALE_LO.. (16 of them).
+// Scales the search tries on a unit group: k/16 for k in BLOCK_SCALE_LO.. (16 of them).
 #define BLOCK_SCALE_LO 10
 #define BLOCK_SCALES 16
 
@@ -288,13 +288,13 @@ __device__ float block_scale(const float* s, int d, int g, const float* __restri
 // Quantizes one row, value `val` in thread i < d of a block of ≥ d threads, into `row` (null:
 // nowhere, for `own` alone) with
 // `codec` (turbo: codebook `cb` and its decision points `mids`, rotation `rot_blk`/`rot` as in
-// rotate_shared; src/kv/codec/turbo.rs's quantize_group). With `own` non-null also writes the
-// row in the codec's domain at full precision (for the decode step's own position). Every
-// thread of the block must call it.
+// rotate_shared; src/kv/codec/turbo.rs's quantize_group; `search`: each group at its best
+// scale, block_scale). With `own` non-null also writes the row in the codec's domain at full
+// precision (for the decode step's own position). Every thread of the block must call it.
 __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restrict__ own,
                           int codec, int d, const float* __restrict__ cb,
                           const float* __restrict__ mids, int n_mids, int rot_blk,
-                          const float* __restrict__ rot) {
+                          const float* __restrict__ rot, bool search) {
     __shared__ float s[MAX_RD];
     __shared__ float warp_sums[MAX_RD / 32];
     __shared__ uint8_t codes[MAX_RD];
@@ -313,7 +313,7 @@ __device__ void store_row(float val, uint8_t* __restrict__ row, float* __restric
     if (i < d) s[i] = val * inv;
     rotate_shared(s, d, false, rot_blk, rot);
     const float y = i < d ? s[i] : 0.f;
-    const float x = rot_blk > 0 ? __fmul_rn(y, block_scale(s, d, g, cb, mids, n_mids)) : y;
+    const float x = search ? __fmul_rn(y, block_scale(s, d, g, cb, mids, n_mids)) : y;
     int c = 0;
     for (int k = 0; k < n_mids; k++) c += mids[k] <= x;
     const float r = cb[c];
@@ -407,7 +407,8 @@ __device__ void store_spectral(float val, uint8_t* __restrict__ row, float* __re
 // `capacity` rows per head, the codec (codebook `cb` and decision points `mids` for turbo),
 // for centered stores the per-head mean and channel weights (nullable) and the f16 sink rows
 // (`n_sink` leading positions per head kept in the codec's domain, d values each), and turbo
-// rows' rotation (`rot_blk`, `rot`: rotate_shared). Spectral stores keep per-head tables in
+// rows' rotation (`rot_blk`, `rot`: rotate_shared) and whether their quantizer searches each
+// group's scale (`search`: block rotations, and centered WHT rows). Spectral stores keep per-head tables in
 // `cb` (n_kv × spec_table(d) floats) and per-head bases [d, d] in `rot`.
 struct Store {
     uint8_t* rows;
@@ -419,6 +420,7 @@ struct Store {
     int n_sink;
     int rot_blk;
     const float* rot;
+    int search;
     // Head h's row in shared memory into the codec's domain (or back).
     __device__ __forceinline__ void rotate(float* s, int d, bool inverse, int h) const {
         if (codec == C_SPECTRAL)
@@ -441,10 +443,10 @@ struct Store {
 #define STORE_PARAMS(p)                                                                    \
     uint8_t *p##_rows, uint8_t *p##_sinks, int p##_codec, int p##_rb, const float *p##_cb,   \
         const float *p##_mids, int p##_n_mids, const float *p##_mean, const float *p##_cscale, \
-        int p##_n_sink, int p##_rot_blk, const float *p##_rot
+        int p##_n_sink, int p##_rot_blk, const float *p##_rot, int p##_search
 #define STORE(p)                                                                           \
     Store { p##_rows, p##_codec, p##_rb, p##_cb, p##_mids, p##_n_mids, p##_mean, p##_cscale, \
-            p##_sinks, p##_n_sink, p##_rot_blk, p##_rot }
+            p##_sinks, p##_n_sink, p##_rot_blk, p##_rot, p##_search }
 
 // Stores head h's row for position p, value `val` in thread i < d of a block of d threads:
 // centered on the store's mean and weighted by its channel scales where it has them (the CPU
@@ -473,7 +475,7 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
         return store_spectral(val, row, own, d, st.rb, st.table(h, d),
                               st.rot + (size_t)h * d * d);
     store_row(val, row, own, st.codec, d, st.cb,
-              st.mids, st.n_mids, st.rot_blk, st.rot);
+              st.mids, st.n_mids, st.rot_blk, st.rot, st.search != 0);
 }
 
 // Value v of head h's row for position p in the store's domain: its sink row or ring row.

@@ -112,6 +112,8 @@ struct Layout {
     /// every head's basis [d, d] in `rot`.
     rot_block: i32,
     rot: CudaSlice<f32>,
+    /// 1 where the quantizer searches each group's scale (`KvCodec::searches_scale`).
+    search: i32,
 }
 
 impl Layout {
@@ -133,7 +135,10 @@ impl Layout {
                 None => b.arg(null),
             };
         }
-        b.arg(&self.n_sink).arg(&self.rot_block).arg(&self.rot);
+        b.arg(&self.n_sink)
+            .arg(&self.rot_block)
+            .arg(&self.rot)
+            .arg(&self.search);
     }
 }
 
@@ -218,6 +223,7 @@ impl DeviceRows {
                 mean: upload(centering.mean)?,
                 cscale: upload(centering.scale)?,
                 rot_block,
+                search: codecs.iter().any(|c| c.searches_scale()) as i32,
                 rot: s.clone_htod(&rot)?,
             },
         })

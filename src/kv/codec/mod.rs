@@ -40,6 +40,16 @@ pub trait KvCodec: Send + Sync {
     fn mixed_blocks(&self, _head_dim: usize) -> Vec<std::ops::Range<usize>> {
         Vec::new()
     }
+    /// The codec a centered store runs for this type, where it differs: plain TurboQuant rows
+    /// keep the fork's quantizer, centered ones (already off the fork's rows) index each group
+    /// at its best scale (`turbo::best_scale`). `None` where nothing changes.
+    fn for_centered_rows(&self) -> Option<Box<dyn KvCodec>> {
+        None
+    }
+    /// Whether the quantizer searches each group's scale (the GPU kernels must then search too).
+    fn searches_scale(&self) -> bool {
+        false
+    }
     /// Codecs that store a turbo layout under a rotation of small blocks: what the GPU kernels
     /// need to run them as that layout; `None` otherwise.
     fn block_rotation(&self) -> Option<turbo::BlockRotation> {

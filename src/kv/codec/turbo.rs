@@ -110,11 +110,20 @@ pub fn group_width(head_dim: usize) -> usize {
     }
 }
 
-pub struct Turbo<L, R = Wht>(PhantomData<(L, R)>);
+/// A turbo layout under rotation `R`. `search`: each group is indexed at its best scale
+/// ([`best_scale`]) rather than the codebook's own, as the fork's quantizer does; block
+/// rotations always search, the WHT where rows are centered ([`KvCodec::for_centered_rows`]).
+pub struct Turbo<L, R = Wht> {
+    search: bool,
+    layout: PhantomData<(L, R)>,
+}
 
-impl<L, R> Default for Turbo<L, R> {
+impl<L, R: Rotation> Default for Turbo<L, R> {
     fn default() -> Self {
-        Self(PhantomData)
+        Self {
+            search: R::BLOCK > 0,
+            layout: PhantomData,
+        }
     }
 }
 
@@ -125,29 +134,24 @@ fn table(cb: &Codebook) -> [f32; 16] {
     t
 }
 
-/// Scales a block codec tries on a unit group before indexing it: k/16 for k in this range
+/// Scales the search tries on a unit group before indexing it: k/16 for k in this range
 /// (exact in f32, 0.625 to 1.5625).
-const BLOCK_SCALES: std::ops::RangeInclusive<u32> = 10..=25;
+const SCALES: std::ops::RangeInclusive<u32> = 10..=25;
 
 /// The scale of the rotated unit group `u` whose codes decode closest in direction to it
-/// (highest cosine between `u` and its centroids). A block rotation mixes only 2–4 values, so
-/// its coordinates are not the N(0, 1/g) the codebook was fitted to, and the codebook's own
-/// scale is often not the best; the stored norm is corrected afterwards as always, so decoding
-/// is unchanged. Sums run in index order with one rounding per step and the first best wins:
-/// the GPU's `store_row` repeats this exactly, so both store the same bytes.
+/// (highest cosine between `u` and its centroids). After a block rotation that mixes only 2–4
+/// values the coordinates are not the N(0, 1/g) the codebook was fitted to and the codebook's
+/// own scale is often not the best; after the WHT a group's empirical spread still differs
+/// from the design's. The stored norm is corrected afterwards as always, so decoding is
+/// unchanged. Each scale's sums run in index order with one rounding per step and the first
+/// best wins: the GPU's `store_row` repeats this exactly, so both store the same bytes.
 fn best_scale(cb: &Codebook, u: &[f32]) -> f32 {
+    let (dots, ccs) = simd::scale_sums(cb, u);
     let mut best = (f32::NEG_INFINITY, 1.0);
-    for k in BLOCK_SCALES {
-        let sc = k as f32 / 16.0;
-        let (mut dot, mut cc) = (0f32, 0f32);
-        for &v in u {
-            let y = cb.centroids[cb.index(v * sc) as usize];
-            dot += y * v;
-            cc += y * y;
-        }
+    for (k, (dot, cc)) in SCALES.zip(dots.iter().zip(&ccs)) {
         let cos = dot / cc.sqrt().max(1e-10);
         if cos > best.0 {
-            best = (cos, sc);
+            best = (cos, k as f32 / 16.0);
         }
     }
     best.1
@@ -158,8 +162,9 @@ impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
         lloyd_max::turbo(g, L::BITS)
     }
 
-    /// Quantizes one group with codebook `cb` (the tests pass the fork's own tables).
-    fn quantize_group(cb: &Codebook, x: &[f32], dst: &mut [u8]) {
+    /// Quantizes one group with codebook `cb` (the tests pass the fork's own tables), at the
+    /// best scale with `search`.
+    fn quantize_group(cb: &Codebook, x: &[f32], dst: &mut [u8], search: bool) {
         let g = x.len();
         let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
         let inv = if norm > 1e-10 { 1.0 / norm } else { 0.0 };
@@ -169,11 +174,7 @@ impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
             *b = v * inv;
         }
         R::forward(buf);
-        let scale = if R::BLOCK > 0 {
-            best_scale(cb, buf)
-        } else {
-            1.0
-        };
+        let scale = if search { best_scale(cb, buf) } else { 1.0 };
         let mut codes = [0u8; 128];
         let mut recon = 0f32;
         for (c, v) in codes.iter_mut().zip(buf.iter()) {
@@ -217,6 +218,19 @@ impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
         (1.0 - lloyd_max::normal_mse(L::BITS)).sqrt() as f32
     }
 
+    fn for_centered_rows(&self) -> Option<Box<dyn KvCodec>> {
+        (!self.search).then(|| {
+            Box::new(Self {
+                search: true,
+                layout: PhantomData,
+            }) as Box<dyn KvCodec>
+        })
+    }
+
+    fn searches_scale(&self) -> bool {
+        self.search
+    }
+
     fn block_rotation(&self) -> Option<BlockRotation> {
         (R::BLOCK > 0).then(|| BlockRotation {
             bits: L::BITS,
@@ -236,7 +250,7 @@ impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
             .chunks_exact(g)
             .zip(dst.chunks_exact_mut(L::group_bytes(g)))
         {
-            Self::quantize_group(Self::codebook(g), x, d);
+            Self::quantize_group(Self::codebook(g), x, d, self.search);
         }
     }
 
@@ -298,8 +312,41 @@ pub const UNPACK2: [[u8; 4]; 256] = {
     t
 };
 
-/// `out[i] = norm · table[codes[i]]`: AVX2 permutes where the CPU has them.
+/// `out[i] = norm · table[codes[i]]` and the scale search's sums: AVX2 where the CPU has it.
 pub(crate) mod simd {
+    use super::{Codebook, SCALES};
+
+    /// For each scale `sc` of [`SCALES`]: `Σ c·u` and `Σ c²` over the unit group `u`, `c` the
+    /// centroid of `u[j]·sc`, summed in index order with a rounding after every product and
+    /// every sum (the GPU's order; the AVX2 path keeps it lane by lane, no fused multiply-adds).
+    pub fn scale_sums(cb: &Codebook, u: &[f32]) -> ([f32; 16], [f32; 16]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F is present (checked above).
+                return unsafe { x86::scale_sums_512(&cb.centroids, &cb.mids, u) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 is present (checked above).
+                return unsafe { x86::scale_sums(&cb.centroids, &cb.mids, u) };
+            }
+        }
+        scale_sums_portable(cb, u)
+    }
+
+    pub(super) fn scale_sums_portable(cb: &Codebook, u: &[f32]) -> ([f32; 16], [f32; 16]) {
+        let (mut dots, mut ccs) = ([0f32; 16], [0f32; 16]);
+        for (i, k) in SCALES.enumerate() {
+            let sc = k as f32 / 16.0;
+            for &v in u {
+                let y = cb.centroids[cb.index(v * sc) as usize];
+                dots[i] += y * v;
+                ccs[i] += y * y;
+            }
+        }
+        (dots, ccs)
+    }
+
     pub fn lookup(codes: &[u8], table: &[f32; 16], norm: f32, wide: bool, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && codes.len().is_multiple_of(8) {
@@ -313,8 +360,84 @@ pub(crate) mod simd {
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod x86 {
+    pub(super) mod x86 {
         use std::arch::x86_64::*;
+
+        /// [`super::scale_sums`] with the 16 scales in one register, as the AVX2 path.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn scale_sums_512(
+            centroids: &[f32],
+            mids: &[f32],
+            u: &[f32],
+        ) -> ([f32; 16], [f32; 16]) {
+            let scales = scales();
+            let (mut dots, mut ccs) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: loads and stores cover the 16-element arrays above.
+            unsafe {
+                let sc = _mm512_loadu_ps(scales.as_ptr());
+                let (mut dot, mut cc) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let c0 = _mm512_set1_ps(centroids[0]);
+                for &v in u {
+                    let vv = _mm512_set1_ps(v);
+                    let x = _mm512_mul_ps(vv, sc);
+                    let mut y = c0;
+                    for (m, c) in mids.iter().zip(&centroids[1..]) {
+                        let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_set1_ps(*m), x);
+                        y = _mm512_mask_blend_ps(le, y, _mm512_set1_ps(*c));
+                    }
+                    dot = _mm512_add_ps(dot, _mm512_mul_ps(y, vv));
+                    cc = _mm512_add_ps(cc, _mm512_mul_ps(y, y));
+                }
+                _mm512_storeu_ps(dots.as_mut_ptr(), dot);
+                _mm512_storeu_ps(ccs.as_mut_ptr(), cc);
+            }
+            (dots, ccs)
+        }
+
+        fn scales() -> [f32; 16] {
+            std::array::from_fn(|i| (*super::super::SCALES.start() + i as u32) as f32 / 16.0)
+        }
+
+        /// [`super::scale_sums`] with the 16 scales in two registers: each value's centroid at
+        /// every scale by a blend per decision point (the points ascend, so the last one at or
+        /// below the value picks it, as `Codebook::index` counts them).
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn scale_sums(
+            centroids: &[f32],
+            mids: &[f32],
+            u: &[f32],
+        ) -> ([f32; 16], [f32; 16]) {
+            let scales = scales();
+            let (mut dots, mut ccs) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: loads and stores cover the 16-element arrays above.
+            unsafe {
+                let sc = [
+                    _mm256_loadu_ps(scales.as_ptr()),
+                    _mm256_loadu_ps(scales.as_ptr().add(8)),
+                ];
+                let mut dot = [_mm256_setzero_ps(); 2];
+                let mut cc = [_mm256_setzero_ps(); 2];
+                let c0 = _mm256_set1_ps(centroids[0]);
+                for &v in u {
+                    let vv = _mm256_set1_ps(v);
+                    for h in 0..2 {
+                        let x = _mm256_mul_ps(vv, sc[h]);
+                        let mut y = c0;
+                        for (m, c) in mids.iter().zip(&centroids[1..]) {
+                            let le = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_set1_ps(*m), x);
+                            y = _mm256_blendv_ps(y, _mm256_set1_ps(*c), le);
+                        }
+                        dot[h] = _mm256_add_ps(dot[h], _mm256_mul_ps(y, vv));
+                        cc[h] = _mm256_add_ps(cc[h], _mm256_mul_ps(y, y));
+                    }
+                }
+                for h in 0..2 {
+                    _mm256_storeu_ps(dots.as_mut_ptr().add(8 * h), dot[h]);
+                    _mm256_storeu_ps(ccs.as_mut_ptr().add(8 * h), cc[h]);
+                }
+            }
+            (dots, ccs)
+        }
 
         #[target_feature(enable = "avx2")]
         pub unsafe fn lookup(
@@ -387,6 +510,60 @@ pub(crate) mod tests {
         );
         let even = unit(0.5);
         assert!((cosine(&even, best_scale(cb, &even)) - cosine(&even, 1.0)).abs() < 0.01);
+    }
+
+    /// The AVX2 sums of the scale search are the plain loop's to the bit (the GPU repeats the
+    /// plain loop, so a stored byte may not depend on the CPU's instruction set).
+    #[test]
+    fn scale_search_sums_are_the_plain_loops() {
+        let mut rng = SplitMix(3);
+        for (g, bits) in [(64, 2), (64, 3), (64, 4), (128, 2), (128, 3), (128, 4)] {
+            let cb = lloyd_max::turbo(g, bits);
+            for _ in 0..200 {
+                let mut u: Vec<f32> = (0..g).map(|_| rng.gaussian() as f32).collect();
+                let n = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+                u.iter_mut().for_each(|x| *x /= n);
+                let want = simd::scale_sums_portable(cb, &u);
+                let bits_of =
+                    |s: ([f32; 16], [f32; 16])| (s.0.map(f32::to_bits), s.1.map(f32::to_bits));
+                let mut paths = vec![simd::scale_sums(cb, &u)];
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present (checked above).
+                    paths.push(unsafe { simd::x86::scale_sums(&cb.centroids, &cb.mids, &u) });
+                }
+                for got in paths {
+                    assert_eq!(bits_of(got), bits_of(want), "g {g}, {bits} bits");
+                }
+            }
+        }
+    }
+
+    /// Centered stores run turbo with the scale search; its codes decode closer to heavy-tailed
+    /// rows than the fork's quantizer at the codebook's own scale.
+    #[test]
+    fn centered_turbo_rows_search_the_scale() {
+        use super::super::turbo3::Turbo3;
+        let plain = Turbo::<Turbo3>::default();
+        let searched = plain.for_centered_rows().unwrap();
+        assert!(!plain.searches_scale() && searched.searches_scale());
+        let error = |codec: &dyn KvCodec| {
+            let mut row = vec![0u8; codec.bytes_per_row(128)];
+            let mut y = vec![0f32; 128];
+            rows(64, 128)
+                .iter()
+                .map(|x| {
+                    codec.quantize_row(x, &mut row);
+                    codec.dequantize_row(&row, &mut y);
+                    x.iter()
+                        .zip(&y)
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum::<f32>()
+                })
+                .sum::<f32>()
+        };
+        let (e_plain, e_searched) = (error(&plain), error(searched.as_ref()));
+        assert!(e_searched < 0.97 * e_plain, "{e_searched} vs {e_plain}");
     }
 
     /// Heavy-tailed test rows: a few large channels over a smooth background, like real K.
@@ -543,7 +720,7 @@ pub(crate) mod tests {
                 .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
                 .collect();
             let mut got = vec![0u8; L::group_bytes(128)];
-            Turbo::<L>::quantize_group(&cb, &x, &mut got);
+            Turbo::<L>::quantize_group(&cb, &x, &mut got, false);
             let (mut cw, mut cg) = ([0u8; 128], [0u8; 128]);
             let nw = L::unpack(&want, &mut cw);
             let ng = L::unpack(&got, &mut cg);
