@@ -41,8 +41,8 @@ pub trait KvCodec: Send + Sync {
         Vec::new()
     }
     /// The codec a centered store runs for this type, where it differs: plain TurboQuant rows
-    /// keep the fork's quantizer, centered ones (already off the fork's rows) index each group
-    /// at its best scale (`turbo::best_scale`). `None` where nothing changes.
+    /// keep the fork's quantizer, centered turbo3/turbo4 rows (already off the fork's rows)
+    /// index each group at its best scale (`turbo::best_scale`). `None` where nothing changes.
     fn for_centered_rows(&self) -> Option<Box<dyn KvCodec>> {
         None
     }
