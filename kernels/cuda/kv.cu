@@ -408,8 +408,8 @@ __device__ void store_spectral(float val, uint8_t* __restrict__ row, float* __re
 // for centered stores the per-head mean and channel weights (nullable) and the f16 sink rows
 // (`n_sink` leading positions per head kept in the codec's domain, d values each), and turbo
 // rows' rotation (`rot_blk`, `rot`: rotate_shared) and whether their quantizer searches each
-// group's scale (`search`: block rotations, and centered WHT rows). Spectral stores keep per-head tables in
-// `cb` (n_kv × spec_table(d) floats) and per-head bases [d, d] in `rot`.
+// group's scale (`search`: block rotations, and centered turbo3/turbo4 stores). Spectral stores
+// keep per-head tables in `cb` (n_kv × spec_table(d) floats) and per-head bases [d, d] in `rot`.
 struct Store {
     uint8_t* rows;
     int codec, rb;

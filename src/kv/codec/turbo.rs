@@ -111,8 +111,8 @@ pub fn group_width(head_dim: usize) -> usize {
 }
 
 /// A turbo layout under rotation `R`. `search`: each group is indexed at its best scale
-/// ([`best_scale`]) rather than the codebook's own, as the fork's quantizer does; block
-/// rotations always search, the WHT at 3 and 4 bits where rows are centered
+/// ([`best_scale`]) instead of the codebook's own (the fork's quantizer); block rotations
+/// always search, the WHT at 3 and 4 bits where rows are centered
 /// ([`KvCodec::for_centered_rows`]).
 pub struct Turbo<L, R = Wht> {
     search: bool,
