@@ -131,7 +131,7 @@ pub fn from_model(
 /// Measures one cache type on one row set, with the quantizer the server's default (centered)
 /// stores run.
 pub fn measure(ty: CacheType, set: &RowSet, seed: u64) -> Result<CodecReport> {
-    let codec = ty.codec().for_centered_rows().unwrap_or_else(|| ty.codec());
+    let codec = ty.codec_for(true);
     let d = set.head_dim;
     if !d.is_multiple_of(codec.block_size()) {
         bail!("{ty} needs head_dim a multiple of {}", codec.block_size());

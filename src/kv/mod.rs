@@ -72,6 +72,16 @@ impl CacheType {
     pub fn is_turbo(self) -> bool {
         matches!(self, Self::Turbo2 | Self::Turbo3 | Self::Turbo4)
     }
+
+    /// The codec a store of this type quantizes with: where rows are `centered`, the codec's
+    /// variant for centered rows if it has one ([`KvCodec::for_centered_rows`]).
+    pub fn codec_for(self, centered: bool) -> Box<dyn KvCodec> {
+        let codec = self.codec();
+        match centered.then(|| codec.for_centered_rows()).flatten() {
+            Some(c) => c,
+            None => codec,
+        }
+    }
 }
 
 /// Serialized as `-ctk` spells it.

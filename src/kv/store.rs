@@ -85,22 +85,16 @@ impl RowStore {
         let codec = ty.codec();
         let row_bytes = codec.bytes_per_row(head_dim);
         let centered = mean.is_some();
-        let plain_or_centered = || {
-            centered
-                .then(|| codec.for_centered_rows())
-                .flatten()
-                .unwrap_or_else(|| ty.codec())
-        };
         let codecs = (0..n_kv_head)
             .map(|h| {
                 spectra
                     .and_then(|s| s.get(h))
                     .and_then(|s| codec.fit(s))
-                    .unwrap_or_else(plain_or_centered)
+                    .unwrap_or_else(|| ty.codec_for(centered))
             })
             .collect();
         let bytes = n_kv_head * capacity * row_bytes;
-        let sink = sink_count(mean.is_some(), capacity);
+        let sink = sink_count(centered, capacity);
         Self {
             ty,
             codecs,
