@@ -19,7 +19,9 @@
 //! elsewhere thousands of positions on. The pass turns K rows and queries back to position 0
 //! and averages their moments over RoPE's angles at positions `0..n_ctx` in closed form
 //! ([`QueryMoments`]). Pairs that turn little keep their offset and their split; pairs that
-//! turn a lot lose the offset and share one weight.
+//! turn a lot lose the offset and share one weight. Keys' positions are weighted as attention
+//! reads them while a sequence grows to `n_ctx` (position p for `n_ctx − p` steps), so early
+//! positions, which every sequence holds, count most; queries' are weighted evenly.
 //!
 //! SpectralQuant also needs each head's covariance spectrum (eigenvalues and eigenvectors of
 //! the centered rows' covariance), measured on the same rows when a spectral type is in use.
@@ -93,10 +95,43 @@ fn mean_phase(omega: f64, n: usize) -> (f64, f64) {
     (amp * phase.cos(), amp * phase.sin())
 }
 
+/// Means of cos(ωp) and sin(ωp) over the positions p = 0..n as attention reads them while a
+/// sequence grows to n tokens: position p is in the cache for n − p of the n steps, so it is
+/// weighted by n − p. In closed form, with z = e^{iω}:
+/// Σ (n − p) z^p = (n − z(1 − zⁿ)/(1 − z)) / (1 − z), over the weights' sum n(n + 1)/2.
+fn read_phase(omega: f64, n: usize) -> (f64, f64) {
+    if n <= 1 {
+        return (1.0, 0.0);
+    }
+    let nf = n as f64;
+    if (omega * nf).abs() < 1e-4 {
+        // Too little turn for the closed form's differences: the phase at the mean position.
+        let (s, c) = (omega * (nf - 1.0) / 3.0).sin_cos();
+        return (c, s);
+    }
+    let mul = |(a, b): (f64, f64), (c, d): (f64, f64)| (a * c - b * d, a * d + b * c);
+    let div = |x: (f64, f64), (c, d): (f64, f64)| {
+        let m = c * c + d * d;
+        mul(x, (c / m, -d / m))
+    };
+    let z = (omega.cos(), omega.sin());
+    let zn = ((omega * nf).cos(), (omega * nf).sin());
+    let one_minus_z = (1.0 - z.0, -z.1);
+    let geo = div(mul(z, (1.0 - zn.0, -zn.1)), one_minus_z);
+    let sum = div((nf - geo.0, -geo.1), one_minus_z);
+    let w = nf * (nf + 1.0) / 2.0;
+    (sum.0 / w, sum.1 / w)
+}
+
 /// E y_a², E y_b² of a pair whose un-rotated moments are `m` = (E a², E b², E ab), RoPE-turned
-/// by `freq·p` with p spread evenly over `0..horizon`.
-fn turned_energy(m: [f64; 3], freq: f32, horizon: usize) -> [f64; 2] {
-    let (c2, s2) = mean_phase(2.0 * freq as f64, horizon);
+/// by `freq·p` with `phase` the positions' mean of (cos, sin) at an angle per position.
+fn turned_energy(
+    m: [f64; 3],
+    freq: f32,
+    horizon: usize,
+    phase: fn(f64, usize) -> (f64, f64),
+) -> [f64; 2] {
+    let (c2, s2) = phase(2.0 * freq as f64, horizon);
     let (t, d) = ((m[0] + m[1]) / 2.0, (m[0] - m[1]) / 2.0);
     [t + d * c2 - m[2] * s2, t - d * c2 + m[2] * s2]
 }
@@ -191,9 +226,9 @@ pub struct PairMoments {
 
 impl PairMoments {
     /// K's centre, channel weights and variance per channel for positions `0..horizon`, each
-    /// `n_kv_head × head_dim`: the centre is the rows' mean as RoPE carries it over the context,
-    /// the weights (empty without queries) `(E q² / Var k)^¼` per channel over the same
-    /// positions.
+    /// `n_kv_head × head_dim`: the centre is the rows' mean as RoPE carries it over the context
+    /// (positions weighted as they are read, [`read_phase`]), the weights (empty without
+    /// queries) `(E q² / Var k)^¼` per channel over the same positions.
     fn centering(&self, rope: &Rope, horizon: usize) -> [Vec<f32>; 3] {
         let freqs = rope.inv_freq();
         let pairs = freqs.len();
@@ -206,14 +241,14 @@ impl PairMoments {
             for (i, &f) in freqs.iter().enumerate() {
                 let (a, b) = rope.pair(i);
                 let m = self.k[h * pairs + i];
-                let (c1, s1) = mean_phase(f as f64, horizon);
+                let (c1, s1) = read_phase(f as f64, horizon);
                 let (ca, cb) = (c1 * m[0] - s1 * m[1], s1 * m[0] + c1 * m[1]);
                 centre[h * hd + a] = ca as f32;
                 centre[h * hd + b] = cb as f32;
-                let [ea, eb] = turned_energy([m[2], m[3], m[4]], f, horizon);
+                let [ea, eb] = turned_energy([m[2], m[3], m[4]], f, horizon, read_phase);
                 (k2[a], k2[b]) = (ea - ca * ca, eb - cb * cb);
                 if let Some(&qm) = self.q.get(h * pairs + i) {
-                    [q2[a], q2[b]] = turned_energy(qm, f, horizon);
+                    [q2[a], q2[b]] = turned_energy(qm, f, horizon, mean_phase);
                 }
             }
             if !self.q.is_empty() {
@@ -808,6 +843,30 @@ mod tests {
         let (e0, e1) = (energy(&blocks[0]), energy(&blocks[1]));
         assert!((e0 / e1 - 1.0).abs() < 1e-4, "{e0} vs {e1}");
         assert!((s[1] / s[0] - 2.0).abs() < 1e-5 && (s[6] / s[4] - 0.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn read_phase_weighs_each_position_by_the_steps_it_is_read() {
+        for (omega, n) in [
+            (0.0, 100),
+            (1.0, 1),
+            (1.0, 7),
+            (0.3, 1000),
+            (2e-5, 65536),
+            (1e-3, 4096),
+        ] {
+            let (c, s) = read_phase(omega, n);
+            let w = (n * (n + 1) / 2) as f64;
+            let (bc, bs) = (0..n).fold((0f64, 0f64), |(c, s), p| {
+                let (sin, cos) = (omega * p as f64).sin_cos();
+                let k = (n - p) as f64 / w;
+                (c + k * cos, s + k * sin)
+            });
+            assert!(
+                (c - bc).abs() < 1e-7 && (s - bs).abs() < 1e-7,
+                "ω {omega} n {n}: {c} {s} vs {bc} {bs}"
+            );
+        }
     }
 
     #[test]
