@@ -56,6 +56,7 @@ fn plan_kv_equals_what_the_engine_allocates() {
         (CacheType::Q8_0, CacheType::Turbo4, None),
         (CacheType::Turbo4, CacheType::Turbo4, None),
         (CacheType::Turbo3, CacheType::Turbo2, None),
+        (CacheType::Turbo2, CacheType::Turbo2, None),
         (CacheType::Turbo3, CacheType::Turbo3, Some("q8-boundary")),
     ];
     // The PLE fixtures add per-layer head dims and shared-KV layers that store nothing.

@@ -219,6 +219,7 @@ pub fn check_layer(
             k_center: Vec::new(),
             k_var: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(*x)).collect()),
             v_var: per_layer(&mut || rand(n).iter().map(|x| 2f32.powf(*x)).collect()),
+            k_noise: Vec::new(),
             moments: Vec::new(),
         }
     });

@@ -173,6 +173,19 @@ impl Engine {
                 calib.v_var.clear();
             }
             calib.center = cfg.kv_centering;
+            let spec = cfg.kv_layer_policy.as_deref();
+            if KvPolicy::promotes_k(
+                spec,
+                cfg.cache_k,
+                engine.model.arch.n_layer,
+                cfg.kv_centering,
+            ) {
+                let arch = &engine.model.arch;
+                let moved = engine.policy.promote_k(arch, n_ctx, &calib.k_noise);
+                eprintln!(
+                    "kv cache: turbo2 K moved to turbo3 on layers {moved:?}, where keys move scores most (--kv-layer-policy uniform to opt out)"
+                );
+            }
             engine.calibration = Some(calib);
         }
         Ok(engine)

@@ -228,14 +228,15 @@ impl PairMoments {
     /// K's centre, channel weights and variance per channel for positions `0..horizon`, each
     /// `n_kv_head × head_dim`: the centre is the rows' mean as RoPE carries it over the context
     /// (positions weighted as they are read, [`read_phase`]), the weights (empty without
-    /// queries) `(E q² / Var k)^¼` per channel over the same positions.
-    fn centering(&self, rope: &Rope, horizon: usize) -> [Vec<f32>; 3] {
+    /// queries) `(E q² / Var k)^¼` per channel over the same positions. Last, the score noise
+    /// per unit of codec distortion, mean over the heads ([`KvCalibration::k_noise`]).
+    fn centering(&self, rope: &Rope, horizon: usize) -> ([Vec<f32>; 3], f32) {
         let freqs = rope.inv_freq();
         let pairs = freqs.len();
         let hd = 2 * pairs;
         let n_kv_head = self.k.len() / pairs.max(1);
         let mut centre = vec![0f32; n_kv_head * hd];
-        let (mut scale, mut var) = (Vec::new(), Vec::new());
+        let (mut scale, mut var, mut noise) = (Vec::new(), Vec::new(), 0f64);
         for h in 0..n_kv_head {
             let (mut k2, mut q2) = (vec![0f64; hd], vec![0f64; hd]);
             for (i, &f) in freqs.iter().enumerate() {
@@ -253,10 +254,16 @@ impl PairMoments {
             }
             if !self.q.is_empty() {
                 scale.extend(channel_scales(&q2, &k2));
+                let sum: f64 = q2
+                    .iter()
+                    .zip(&k2)
+                    .map(|(q, k)| (q * k.max(0.0)).sqrt())
+                    .sum();
+                noise += sum / hd as f64 / n_kv_head as f64;
             }
             var.extend(k2.iter().map(|&v| v as f32));
         }
-        [centre, scale, var]
+        ([centre, scale, var], noise as f32)
     }
 }
 
@@ -319,6 +326,11 @@ pub struct KvCalibration {
     /// Per layer, V's variance per channel around `v_mean`, `n_kv_head × head_dim` (empty when
     /// not measured).
     pub v_var: Vec<Vec<f32>>,
+    /// Per layer, how much a codec's error in K moves attention scores: with channel weights, a
+    /// codec of relative distortion D adds score noise of about `√D · k_noise` logits
+    /// (`Σ_c √(E q_c² · Var k_c) / d` with the 1/√d attention scale, mean over KV heads; 0 where
+    /// not measured).
+    pub k_noise: Vec<f32>,
     /// Per layer, the moments `k_center`, `k_scale` and `k_var` are computed from for a context
     /// ([`serve`](Self::serve)); `None` where the layer stores nothing.
     pub moments: Vec<Option<PairMoments>>,
@@ -401,6 +413,7 @@ impl KvCalibration {
             k_center: Vec::new(),
             k_var: Vec::new(),
             v_var: Vec::new(),
+            k_noise: Vec::new(),
             moments: Vec::new(),
         };
         for layer in &cache.layers {
@@ -457,14 +470,16 @@ impl KvCalibration {
     /// `0..horizon` from the kept moments.
     pub fn serve(&mut self, arch: &ModelArchitecture, horizon: usize) {
         [self.k_center, self.k_scale, self.k_var] = Default::default();
+        self.k_noise.clear();
         for (il, m) in self.moments.iter().enumerate() {
-            let [c, s, v] = m
+            let ([c, s, v], noise) = m
                 .as_ref()
                 .map(|m| m.centering(&Rope::for_layer(arch, il), horizon))
                 .unwrap_or_default();
             self.k_center.push(c);
             self.k_scale.push(s);
             self.k_var.push(v);
+            self.k_noise.push(noise);
         }
     }
 }
@@ -626,6 +641,7 @@ impl KvCalibration {
             k_center: Vec::new(),
             k_var: Vec::new(),
             v_var: Vec::new(),
+            k_noise: Vec::new(),
             moments: Vec::new(),
         };
         for kv in ["k", "v"] {
@@ -811,6 +827,7 @@ mod tests {
             k_center: Vec::new(),
             k_var: Vec::new(),
             v_var: vec![vec![0.25; 2 * d], vec![]],
+            k_noise: Vec::new(),
             moments: vec![
                 Some(PairMoments {
                     k: (0..d).map(|i| [i as f64, 1.0, 2.0, 3.0, 1e-9]).collect(),
@@ -888,7 +905,8 @@ mod tests {
     /// position, pair 1 0.1 rad over those positions and 26 rad over 64K, pairs 2 and 3 hardly
     /// at all. Over the positions read, the centre is the rows' own mean; over 64K pair 1 loses
     /// its offset as pair 0 did, pairs 2 and 3 keep theirs, and pair 1's weights (queries put
-    /// 16× the energy there) drop and come out equal on its two channels.
+    /// 16× the energy there) drop and come out equal on its two channels. The score noise
+    /// follows the variances.
     #[test]
     fn k_centre_and_weights_follow_rope_over_the_context() {
         use crate::model::arch::RopeStyle;
@@ -915,7 +933,7 @@ mod tests {
         qm.add(&q, 1);
 
         let moments = qm.pair_moments(&keys, pos0);
-        let [near, near_scale, _] = moments.centering(&rope, pos0 + n);
+        let ([near, near_scale, near_var], near_noise) = moments.centering(&rope, pos0 + n);
         let mut mean = vec![0f32; hd];
         for row in keys.chunks_exact(hd) {
             for (m, x) in mean.iter_mut().zip(row) {
@@ -933,7 +951,24 @@ mod tests {
             "{near_scale:?}"
         );
 
-        let [far, scale, _] = moments.centering(&rope, 65536);
+        // Score noise Σ √(E q² · Var k) / d, queries putting 16/12 on channels 2 and 3 and 1/12
+        // elsewhere.
+        let q2 = |c: usize| {
+            if matches!(c, 2 | 3) {
+                16.0 / 12.0
+            } else {
+                1.0 / 12.0
+            }
+        };
+        let want = (0..hd).map(|c| (q2(c) * near_var[c]).sqrt()).sum::<f32>() / hd as f32;
+        assert!(
+            (near_noise / want - 1.0).abs() < 0.1,
+            "{near_noise} vs {want}"
+        );
+
+        let ([far, scale, _], far_noise) = moments.centering(&rope, 65536);
+        // Far out the turning pairs' offsets become variance, so their keys move scores more.
+        assert!(far_noise > 1.5 * near_noise, "{far_noise} vs {near_noise}");
         for c in 0..4 {
             assert!(far[c].abs() < 0.15, "channel {c}: {far:?}");
         }

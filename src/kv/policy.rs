@@ -6,6 +6,7 @@
 use anyhow::{Context, Result, bail};
 
 use super::CacheType;
+use crate::model::arch::ModelArchitecture;
 
 /// The K and V type of every layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +138,55 @@ impl KvPolicy {
         Ok(())
     }
 
+    /// Whether turbo2 K gets [`promote_k`](Self::promote_k) on top of the resolved policy: with
+    /// no `--kv-layer-policy`, K turbo2 on a model of 8 or more layers, rows centered (the
+    /// calibration that ranks the layers runs only then; `--no-kv-centering` is the fork's
+    /// plain cache).
+    pub fn promotes_k(spec: Option<&str>, k: CacheType, n_layer: usize, centered: bool) -> bool {
+        spec.is_none_or(|s| s.trim().is_empty())
+            && k == CacheType::Turbo2
+            && n_layer >= 8
+            && centered
+    }
+
+    /// Moves K from turbo2 to turbo3 on a quarter (rounded up) of the layers that store KV, and
+    /// returns them, ascending. Two bits of K lose distant facts (docs/QUALITY.md, "turbo2's K
+    /// where keys move scores most"): the loss sits in the layers whose keys move scores most,
+    /// and a codec's score noise there is `√D · noise`. Layers holding the most K values come
+    /// first — the full-context ones, which read distant positions, where sliding-window layers
+    /// hold a recent window — then the largest `noise` (per layer, 0 where unknown). The bytes
+    /// thus depend only on `arch` and `n_ctx`, so `plan` counts them exactly without `noise`.
+    pub fn promote_k(
+        &mut self,
+        arch: &ModelArchitecture,
+        n_ctx: usize,
+        noise: &[f32],
+    ) -> Vec<usize> {
+        // K values, then the shape: layers equal in all three take equal bytes in any type.
+        let size = |il: usize| {
+            let l = &arch.layers[il];
+            let rows = arch.kv_rows(il, n_ctx);
+            (rows * l.n_kv_head * l.head_dim, l.head_dim, rows)
+        };
+        let mut order: Vec<usize> = (0..self.layers.len())
+            .filter(|&il| arch.stores_kv(il))
+            .collect();
+        let count = order.len().div_ceil(4);
+        order.retain(|&il| self.layers[il].0 == CacheType::Turbo2);
+        let noise = |il: usize| noise.get(il).copied().unwrap_or(0.0);
+        order.sort_by(|&a, &b| {
+            (size(b).cmp(&size(a)))
+                .then(noise(b).total_cmp(&noise(a)))
+                .then(a.cmp(&b))
+        });
+        order.truncate(count);
+        order.sort_unstable();
+        for &il in &order {
+            self.layers[il].0 = CacheType::Turbo3;
+        }
+        order
+    }
+
     /// Distinct types with how many layers use each, e.g. `q8_0 x4, turbo2 x26`.
     pub fn summary(types: impl Iterator<Item = CacheType>) -> String {
         let mut counts: Vec<(CacheType, usize)> = Vec::new();
@@ -204,6 +254,27 @@ mod tests {
         assert_eq!(p.layers[5].1, Turbo2);
         let p = KvPolicy::resolve(18, Turbo2, Turbo2, Some("uniform")).unwrap();
         assert_eq!(p, KvPolicy::uniform(18, Turbo2, Turbo2));
+    }
+
+    #[test]
+    fn turbo2_k_moves_to_turbo3_where_ranked_highest() {
+        assert!(KvPolicy::promotes_k(None, Turbo2, 30, true));
+        assert!(!KvPolicy::promotes_k(Some("uniform"), Turbo2, 30, true));
+        assert!(!KvPolicy::promotes_k(None, Turbo2, 30, false));
+        assert!(!KvPolicy::promotes_k(None, Turbo3, 30, true));
+        assert!(!KvPolicy::promotes_k(None, Turbo2, 6, true));
+        // gemma-3-270m: 18 layers, full context on 5, 11 and 17, a 512 window elsewhere.
+        let arch = crate::plan::profile::resolve("gemma3-270m").unwrap().arch;
+        let mut noise = vec![1.0; 18];
+        (noise[2], noise[9], noise[11]) = (3.0, 2.0, 0.5);
+        let mut p = KvPolicy::resolve(18, Turbo2, Turbo2, None).unwrap();
+        assert_eq!(p.promote_k(&arch, 8192, &noise), vec![2, 5, 9, 11, 17]);
+        assert_eq!(p.layers[2], (Turbo3, Turbo2));
+        assert_eq!(p.layers[3], (Turbo2, Turbo2));
+        assert_eq!(p.layers[0], (Turbo2, Q8_0));
+        // Without a measured noise the same bytes move: ties go to the earlier layers.
+        let mut p = KvPolicy::resolve(18, Turbo2, Turbo2, None).unwrap();
+        assert_eq!(p.promote_k(&arch, 8192, &[]), vec![0, 1, 5, 11, 17]);
     }
 
     #[test]

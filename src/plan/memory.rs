@@ -62,12 +62,17 @@ pub fn breakdown(m: &PlanModel, req: &PlanRequest) -> Result<Breakdown> {
         (Some(b), None) => b - at_bits(params.ple).min(b),
         _ => at_bits(params.decoder),
     };
-    let policy = KvPolicy::resolve(
+    let mut policy = KvPolicy::resolve(
         a.n_layer,
         req.cache_k,
         req.cache_v,
         req.kv_layer_policy.as_deref(),
     )?;
+    let spec = req.kv_layer_policy.as_deref();
+    if KvPolicy::promotes_k(spec, req.cache_k, a.n_layer, req.kv_centering) {
+        // The engine ranks equal-sized layers by measured noise; the bytes are these.
+        policy.promote_k(a, req.context_tokens, &[]);
+    }
     let (mut kv_bytes, mut kv_basis_bytes) = (0u64, 0u64);
     for (il, l) in a.layers.iter().enumerate() {
         if !a.stores_kv(il) {
