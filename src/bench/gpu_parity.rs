@@ -66,8 +66,8 @@ fn engine(
     })
 }
 
-/// With `centered`, both stores center on the CPU engine's calibration (the GPU engine's own
-/// would differ by its weights' rounding).
+/// With `centered`, both stores center on the CPU engine's calibration and take its layer types
+/// (the GPU engine's own would differ by its weights' rounding).
 pub fn check(
     model: &Path,
     types: (CacheType, CacheType),
@@ -95,7 +95,9 @@ pub fn check(
         }
         _ => None,
     };
+    // The layer types too: turbo2 K's layers are ranked by the calibration.
     gpu.calibration = cpu.calibration.clone();
+    gpu.policy = cpu.policy.clone();
     let (mut cc, mut gc) = (cpu.alloc_cache(n_ctx)?, gpu.alloc_cache(n_ctx)?);
     let mut rng = StdRng::seed_from_u64(7);
     let vocab = cpu.model.arch.vocab as u32;
