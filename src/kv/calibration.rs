@@ -862,6 +862,14 @@ mod tests {
         assert!((s[1] / s[0] - 2.0).abs() < 1e-5 && (s[6] / s[4] - 0.5).abs() < 1e-5);
     }
 
+    /// `Σ weight(p) · (cos ωp, sin ωp)` over p = 0..n, summed one position at a time.
+    fn brute_phase(omega: f64, n: usize, weight: impl Fn(usize) -> f64) -> (f64, f64) {
+        (0..n).fold((0.0, 0.0), |(c, s), p| {
+            let (sin, cos) = (omega * p as f64).sin_cos();
+            (c + weight(p) * cos, s + weight(p) * sin)
+        })
+    }
+
     #[test]
     fn read_phase_weighs_each_position_by_the_steps_it_is_read() {
         for (omega, n) in [
@@ -874,11 +882,7 @@ mod tests {
         ] {
             let (c, s) = read_phase(omega, n);
             let w = (n * (n + 1) / 2) as f64;
-            let (bc, bs) = (0..n).fold((0f64, 0f64), |(c, s), p| {
-                let (sin, cos) = (omega * p as f64).sin_cos();
-                let k = (n - p) as f64 / w;
-                (c + k * cos, s + k * sin)
-            });
+            let (bc, bs) = brute_phase(omega, n, |p| (n - p) as f64 / w);
             assert!(
                 (c - bc).abs() < 1e-7 && (s - bs).abs() < 1e-7,
                 "ω {omega} n {n}: {c} {s} vs {bc} {bs}"
@@ -890,10 +894,7 @@ mod tests {
     fn mean_phase_is_the_mean_over_positions() {
         for (omega, n) in [(0.0, 100), (1.0, 1), (1.0, 7), (0.3, 1000), (2e-5, 65536)] {
             let (c, s) = mean_phase(omega, n);
-            let (bc, bs) = (0..n).fold((0f64, 0f64), |(c, s), p| {
-                let (sin, cos) = (omega * p as f64).sin_cos();
-                (c + cos / n as f64, s + sin / n as f64)
-            });
+            let (bc, bs) = brute_phase(omega, n, |_| 1.0 / n as f64);
             assert!(
                 (c - bc).abs() < 1e-9 && (s - bs).abs() < 1e-9,
                 "ω {omega} n {n}"
