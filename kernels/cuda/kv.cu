@@ -248,24 +248,46 @@ __device__ void store_block(float val, uint8_t* __restrict__ row, float* __restr
 #define BLOCK_SCALES 16
 
 // The scale for thread i's group of the rotated unit row `s` (d values, groups of g) whose codes
-// point closest to it, as src/kv/codec/turbo.rs's best_scale picks it: one thread per (group,
-// scale) sums over the group in index order, one rounding per step (no fused multiply-adds),
-// and the first best scale wins, so the bytes are the CPU's. Every thread of the block must
-// call it.
+// point closest to it, as src/kv/codec/turbo.rs's best_scale picks it. First every thread finds
+// its value's code at each of the 16 scales (independent, so all d threads at once), then one
+// thread per (group, scale) sums over the group in index order, one rounding per step (no fused
+// multiply-adds), and the first best scale wins, so the bytes are the CPU's. The sums are the
+// one serial part: 16 threads that also searched the codebook for every value, one global load
+// per decision point, cost a centered decode step ~1.8 ms on the 8B shape (docs/CUDA.md).
+// Every thread of the block must call it.
 __device__ float block_scale(const float* s, int d, int g, const float* __restrict__ cb,
                              const float* __restrict__ mids, int n_mids) {
     __shared__ float cosines[MAX_RD / 64 * BLOCK_SCALES];
     __shared__ float best[MAX_RD / 64];
+    // value j's code at scale k in byte k of codes[j]
+    __shared__ uint4 codes[MAX_RD];
+    __shared__ float table[16];
     const int i = threadIdx.x, n_groups = d / g;
+    if (i < 16) table[i] = cb[i];
+    if (i < d) {
+        float m[15];
+#pragma unroll
+        for (int k = 0; k < 15; k++) m[k] = k < n_mids ? mids[k] : INFINITY;
+        const float u = s[i];
+        uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int k = 0; k < BLOCK_SCALES; k++) {
+            const float x = __fmul_rn(u, (float)(BLOCK_SCALE_LO + k) / 16.f);
+            uint32_t c = 0;
+#pragma unroll
+            for (int t = 0; t < 15; t++) c += m[t] <= x;
+            w[k / 4] |= c << (8 * (k % 4));
+        }
+        codes[i] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    __syncthreads();
     if (i < n_groups * BLOCK_SCALES) {
-        const float* u = s + (i / BLOCK_SCALES) * g;
-        const float sc = (float)(BLOCK_SCALE_LO + i % BLOCK_SCALES) / 16.f;
+        const int grp = i / BLOCK_SCALES, k = i % BLOCK_SCALES;
+        const float* u = s + grp * g;
+        const uint8_t* c = reinterpret_cast<const uint8_t*>(codes + grp * g) + k;
         float dot = 0.f, cc = 0.f;
         for (int j = 0; j < g; j++) {
-            const float x = __fmul_rn(u[j], sc);
-            int c = 0;
-            for (int k = 0; k < n_mids; k++) c += mids[k] <= x;
-            const float yc = cb[c];
+            const float yc = table[c[16 * j]];
             dot = __fadd_rn(dot, __fmul_rn(yc, u[j]));
             cc = __fadd_rn(cc, __fmul_rn(yc, yc));
         }

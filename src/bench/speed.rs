@@ -39,6 +39,8 @@ pub struct BenchResult {
     pub model_size: u64,
     pub model_n_params: u64,
     pub backend: String,
+    /// The SIMD level the cache codecs ran (`kv::codec::isa`): which CPU attention path this is.
+    pub cpu_isa: String,
     pub n_threads: usize,
     pub type_k: String,
     pub type_v: String,
@@ -135,6 +137,7 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                             model_size: engine.model.weight_bytes,
                             model_n_params: engine.model.n_params(),
                             backend: cfg.device.backend().into(),
+                            cpu_isa: crate::kv::codec::isa::isa().name().into(),
                             n_threads: cfg.threads,
                             type_k: tk.name().into(),
                             type_v: tv.name().into(),
@@ -178,13 +181,23 @@ pub fn md_header() -> String {
         .to_string()
 }
 
+/// The backend as the table shows it: on the CPU with the SIMD level its attention ran, e.g.
+/// `CPU (avx2)`.
+fn backend_label(r: &BenchResult) -> String {
+    if r.backend == "CPU" {
+        format!("CPU ({})", r.cpu_isa)
+    } else {
+        r.backend.clone()
+    }
+}
+
 pub fn md_row(r: &BenchResult) -> String {
     format!(
         "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {} | 1 | {} | {:.2} ± {:.2} | {:.2} |\n",
         r.model_type,
         r.model_size as f64 / 1048576.0,
         r.model_n_params as f64 / 1e6,
-        r.backend,
+        backend_label(r),
         r.n_threads,
         r.type_k,
         r.type_v,
@@ -195,11 +208,11 @@ pub fn md_row(r: &BenchResult) -> String {
     )
 }
 
-pub const CSV_HEADER: &str = "model_filename,model_type,model_size,model_n_params,backend,n_threads,type_k,type_v,n_prompt,n_gen,n_depth,kv_bytes,avg_ts,stddev_ts\n";
+pub const CSV_HEADER: &str = "model_filename,model_type,model_size,model_n_params,backend,n_threads,type_k,type_v,n_prompt,n_gen,n_depth,kv_bytes,avg_ts,stddev_ts,cpu_isa\n";
 
 pub fn csv_row(r: &BenchResult) -> String {
     format!(
-        "\"{}\",\"{}\",{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}\n",
+        "\"{}\",\"{}\",{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{}\n",
         r.model_filename,
         r.model_type,
         r.model_size,
@@ -213,6 +226,7 @@ pub fn csv_row(r: &BenchResult) -> String {
         r.n_depth,
         r.kv_bytes,
         r.avg_ts,
-        r.stddev_ts
+        r.stddev_ts,
+        r.cpu_isa
     )
 }

@@ -35,8 +35,8 @@ half_codec!(Bf16Codec, bf16, decode_bf16);
 
 fn decode_f16(src: &[f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx") {
-        // SAFETY: F16C and AVX are present (checked above).
+    if super::isa::isa() >= super::isa::Isa::Avx2 {
+        // SAFETY: F16C and AVX are present (the AVX2 level includes them).
         unsafe { f16c::decode(src, out) };
         return;
     }

@@ -2,6 +2,7 @@
 
 pub mod f16;
 pub mod f32;
+pub mod isa;
 pub mod iso;
 pub mod lloyd_max;
 pub mod planar;
@@ -13,6 +14,8 @@ pub mod turbo;
 pub mod turbo2;
 pub mod turbo3;
 pub mod turbo4;
+#[cfg(target_arch = "x86_64")]
+pub mod turbo4_avx2;
 pub mod wht;
 
 use super::calibration::Spectrum;
@@ -100,22 +103,13 @@ pub trait KvCodec: Send + Sync {
     /// `scores[i·n + j] = <qs[i], row j>` for queries `qs` [m, head_dim] (already through
     /// `prepare_query`) and `n` consecutive rows.
     fn dot_rows(&self, head_dim: usize, qs: &[f32], rows: &[u8], scores: &mut [f32]) {
-        let n = rows.len() / self.bytes_per_row(head_dim);
-        for_each_tile(self, head_dim, rows, |col, tile| {
-            tile_scores(head_dim, qs, tile, scores, n, col);
-        });
+        tiled_dot_rows(self, head_dim, qs, rows, scores);
     }
 
     /// `acc[i] += Σ_j w[i·n + j] · row j`, in the codec's domain, for `m` accumulators
     /// `acc` [m, head_dim] and `n` consecutive rows.
     fn axpy_rows(&self, head_dim: usize, w: &[f32], rows: &[u8], acc: &mut [f32]) {
-        let n = rows.len() / self.bytes_per_row(head_dim);
-        for_each_tile(self, head_dim, rows, |col, tile| {
-            let nt = tile.len() / head_dim;
-            for (i, a) in acc.chunks_exact_mut(head_dim).enumerate() {
-                tile_axpy(&w[i * n + col..][..nt], tile, a);
-            }
-        });
+        tiled_axpy_rows(self, head_dim, w, rows, acc);
     }
 
     /// One query, one row: `dot_rows` for a single pair (tests and the codecs report).
@@ -128,6 +122,38 @@ pub trait KvCodec: Send + Sync {
     fn axpy(&self, w: f32, row: &[u8], acc: &mut [f32]) {
         self.axpy_rows(acc.len(), &[w], row, acc);
     }
+}
+
+/// [`KvCodec::dot_rows`] through [`KvCodec::decode_rows`]: a tile of rows decoded to f32, then
+/// dotted with every query.
+pub fn tiled_dot_rows<C: KvCodec + ?Sized>(
+    codec: &C,
+    head_dim: usize,
+    qs: &[f32],
+    rows: &[u8],
+    scores: &mut [f32],
+) {
+    let n = rows.len() / codec.bytes_per_row(head_dim);
+    for_each_tile(codec, head_dim, rows, |col, tile| {
+        tile_scores(head_dim, qs, tile, scores, n, col);
+    });
+}
+
+/// [`KvCodec::axpy_rows`] through [`KvCodec::decode_rows`], a tile at a time.
+pub fn tiled_axpy_rows<C: KvCodec + ?Sized>(
+    codec: &C,
+    head_dim: usize,
+    w: &[f32],
+    rows: &[u8],
+    acc: &mut [f32],
+) {
+    let n = rows.len() / codec.bytes_per_row(head_dim);
+    for_each_tile(codec, head_dim, rows, |col, tile| {
+        let nt = tile.len() / head_dim;
+        for (i, a) in acc.chunks_exact_mut(head_dim).enumerate() {
+            tile_axpy(&w[i * n + col..][..nt], tile, a);
+        }
+    });
 }
 
 /// Rows decoded per tile in the fused paths: 32 rows of 128 f32 are 16 KiB, inside L1.
@@ -205,7 +231,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        super::isa::isa() >= super::isa::Isa::Avx2
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -25,6 +25,28 @@ pub trait TurboLayout: Send + Sync + 'static {
     fn pack(norm: f16, codes: &[u8], dst: &mut [u8]);
     /// Writes the group's indices to `codes` and returns its norm.
     fn unpack(src: &[u8], codes: &mut [u8]) -> f32;
+    /// Scores straight from packed rows (`KvCodec::dot_rows`, codebook `table`), where the
+    /// layout has a reader for the running ISA that beats decoding a tile first; false where it
+    /// has none and the tile path runs.
+    fn dot_rows_in_place(
+        _hd: usize,
+        _table: &[f32; 16],
+        _qs: &[f32],
+        _rows: &[u8],
+        _scores: &mut [f32],
+    ) -> bool {
+        false
+    }
+    /// `KvCodec::axpy_rows` straight from packed rows, as [`Self::dot_rows_in_place`].
+    fn axpy_rows_in_place(
+        _hd: usize,
+        _table: &[f32; 16],
+        _w: &[f32],
+        _rows: &[u8],
+        _acc: &mut [f32],
+    ) -> bool {
+        false
+    }
     /// One group's values in the rotated domain, `norm · table[idx]`. Layouts with a faster
     /// path than unpack-then-lookup override this.
     fn decode(src: &[u8], table: &[f32; 16], out: &mut [f32]) {
@@ -286,6 +308,20 @@ impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
         }
     }
 
+    fn dot_rows(&self, head_dim: usize, qs: &[f32], rows: &[u8], scores: &mut [f32]) {
+        let t = table(Self::codebook(group_width(head_dim)));
+        if !L::dot_rows_in_place(head_dim, &t, qs, rows, scores) {
+            super::tiled_dot_rows(self, head_dim, qs, rows, scores);
+        }
+    }
+
+    fn axpy_rows(&self, head_dim: usize, w: &[f32], rows: &[u8], acc: &mut [f32]) {
+        let t = table(Self::codebook(group_width(head_dim)));
+        if !L::axpy_rows_in_place(head_dim, &t, w, rows, acc) {
+            super::tiled_axpy_rows(self, head_dim, w, rows, acc);
+        }
+    }
+
     fn decode_rows(&self, head_dim: usize, rows: &[u8], out: &mut [f32]) {
         let g = group_width(head_dim);
         let (gb, t) = (L::group_bytes(g), table(Self::codebook(g)));
@@ -325,12 +361,13 @@ pub(crate) mod simd {
     pub fn scale_sums(cb: &Codebook, u: &[f32]) -> ([f32; 16], [f32; 16]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F is present (checked above).
+            use super::super::isa::{Isa, isa};
+            if isa() >= Isa::Avx512 {
+                // SAFETY: AVX-512F is present (the level says so).
                 return unsafe { x86::scale_sums_512(&cb.centroids, &cb.mids, u) };
             }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 is present (checked above).
+            if isa() >= Isa::Avx2 {
+                // SAFETY: AVX2 is present (the level says so).
                 return unsafe { x86::scale_sums(&cb.centroids, &cb.mids, u) };
             }
         }
@@ -352,8 +389,9 @@ pub(crate) mod simd {
 
     pub fn lookup(codes: &[u8], table: &[f32; 16], norm: f32, wide: bool, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && codes.len().is_multiple_of(8) {
-            // SAFETY: AVX2 is present (checked above); lengths are equal multiples of 8.
+        if super::super::isa::isa() >= super::super::isa::Isa::Avx2 && codes.len().is_multiple_of(8)
+        {
+            // SAFETY: AVX2 is present (the level says so); lengths are equal multiples of 8.
             return unsafe { x86::lookup(codes, table, norm, wide, out) };
         }
         let _ = wide;
@@ -420,15 +458,26 @@ pub(crate) mod simd {
                 ];
                 let mut dot = [_mm256_setzero_ps(); 2];
                 let mut cc = [_mm256_setzero_ps(); 2];
+                // Every decision point and centroid broadcast once, so that each compare and
+                // blend below reads its operand from memory in one instruction (broadcasting
+                // them per value doubled the search's instructions on AVX2).
+                let n = mids.len().min(15);
+                let mut mb = [_mm256_setzero_ps(); 15];
+                let mut cb = [_mm256_setzero_ps(); 15];
+                for t in 0..n {
+                    mb[t] = _mm256_set1_ps(mids[t]);
+                    cb[t] = _mm256_set1_ps(centroids[t + 1]);
+                }
                 let c0 = _mm256_set1_ps(centroids[0]);
                 for &v in u {
                     let vv = _mm256_set1_ps(v);
                     for h in 0..2 {
                         let x = _mm256_mul_ps(vv, sc[h]);
                         let mut y = c0;
-                        for (m, c) in mids.iter().zip(&centroids[1..]) {
-                            let le = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_set1_ps(*m), x);
-                            y = _mm256_blendv_ps(y, _mm256_set1_ps(*c), le);
+                        for (m, c) in mb[..n].iter().zip(&cb[..n]) {
+                            // m ≤ x, written x ≥ m so the memory operand folds
+                            let le = _mm256_cmp_ps::<_CMP_GE_OQ>(x, *m);
+                            y = _mm256_blendv_ps(y, *c, le);
                         }
                         dot[h] = _mm256_add_ps(dot[h], _mm256_mul_ps(y, vv));
                         cc[h] = _mm256_add_ps(cc[h], _mm256_mul_ps(y, y));

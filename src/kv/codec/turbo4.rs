@@ -4,6 +4,7 @@
 
 use half::f16;
 
+use super::isa::{Isa, isa};
 use super::turbo::{Turbo, TurboLayout, read_norm};
 
 pub struct Turbo4;
@@ -11,6 +12,16 @@ pub type Turbo4Codec = Turbo<Turbo4>;
 
 fn header(g: usize) -> usize {
     if g == 128 { 4 } else { 2 }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn geometry(hd: usize) -> super::turbo4_avx2::Rows {
+    let g = super::turbo::group_width(hd);
+    super::turbo4_avx2::Rows {
+        hd,
+        g,
+        header: header(g),
+    }
 }
 
 impl TurboLayout for Turbo4 {
@@ -31,7 +42,7 @@ impl TurboLayout for Turbo4 {
 
     fn decode(src: &[u8], table: &[f32; 16], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
+        if isa() >= Isa::Avx512 {
             let h = header(out.len());
             // SAFETY: AVX-512F is present; the group holds out.len() / 2 index bytes after its
             // header, and groups are 64 or 128 values (whole steps of 16).
@@ -39,7 +50,7 @@ impl TurboLayout for Turbo4 {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
+        if isa() >= Isa::Avx2 {
             let h = header(out.len());
             // SAFETY: AVX2 is present; the group holds out.len() / 2 index bytes after its header.
             unsafe { nibbles::decode(&src[h..], table, read_norm(src), out) };
@@ -49,6 +60,40 @@ impl TurboLayout for Turbo4 {
         let g = out.len();
         let norm = Self::unpack(src, &mut codes[..g]);
         super::turbo::simd::lookup(&codes[..g], table, norm, true, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot_rows_in_place(
+        hd: usize,
+        table: &[f32; 16],
+        qs: &[f32],
+        rows: &[u8],
+        scores: &mut [f32],
+    ) -> bool {
+        // AVX-512 hosts keep the tile path: one 16-lane permute per 16 values decodes faster
+        // than two 8-lane ones and a blend, and it is the path measured there.
+        if isa() != Isa::Avx2 {
+            return false;
+        }
+        // SAFETY: AVX2 and FMA are present (the level says so); rows are whole turbo4 rows.
+        unsafe { super::turbo4_avx2::dot_rows(geometry(hd), table, qs, rows, scores) };
+        true
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn axpy_rows_in_place(
+        hd: usize,
+        table: &[f32; 16],
+        w: &[f32],
+        rows: &[u8],
+        acc: &mut [f32],
+    ) -> bool {
+        if isa() != Isa::Avx2 {
+            return false;
+        }
+        // SAFETY: as in dot_rows_in_place.
+        unsafe { super::turbo4_avx2::axpy_rows(geometry(hd), table, w, rows, acc) };
+        true
     }
 
     fn unpack(src: &[u8], codes: &mut [u8]) -> f32 {
