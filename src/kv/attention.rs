@@ -11,6 +11,7 @@ use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
 use super::codec::{axpy_f32, dot_f32};
+use super::softmax::exp_sum;
 use super::store::{LayerCache, RowStore};
 use crate::parallel::{SharedMut, par_chunks_mut, par_for};
 
@@ -233,10 +234,7 @@ fn decode(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Vec
         for gi in 0..g {
             let row = &mut w[gi * n..(gi + 1) * n];
             max[gi] = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for x in row.iter_mut() {
-                *x = (*x - max[gi]).exp();
-                sum[gi] += *x;
-            }
+            sum[gi] = exp_sum(row, max[gi]);
         }
         let mut acc = vec![0f32; g * hd];
         past_values(&cache.v, hd, kvh, range, &w, &mut acc);
@@ -342,11 +340,7 @@ fn prefill(cache: &LayerCache, q: &[f32], k: &[f32], v: &[f32], s: &Shape) -> Re
                     *x *= s.scale;
                     max = max.max(*x);
                 }
-                let mut sum = 0f32;
-                for x in wrow.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                let mut sum = exp_sum(wrow, max);
                 for (j, x) in prow.iter_mut().enumerate() {
                     if j < own_lo || j > ti {
                         *x = 0.0;

@@ -7,6 +7,7 @@ pub mod codec;
 #[cfg(feature = "cuda")]
 pub mod device;
 pub mod policy;
+mod softmax;
 pub mod store;
 
 use std::fmt;

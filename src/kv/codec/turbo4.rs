@@ -71,8 +71,9 @@ impl TurboLayout for Turbo4 {
         scores: &mut [f32],
     ) -> bool {
         // AVX-512 hosts keep the tile path: one 16-lane permute per 16 values decodes faster
-        // than two 8-lane ones and a blend, and it is the path measured there.
-        if isa() != Isa::Avx2 {
+        // than two 8-lane ones and a blend, and it is the path measured there. So do prefill
+        // blocks of many queries, for which one decoded tile serves them all.
+        if isa() != Isa::Avx2 || qs.len() / hd > super::turbo4_avx2::MAX_QUERIES {
             return false;
         }
         // SAFETY: AVX2 and FMA are present (the level says so); rows are whole turbo4 rows.
@@ -88,7 +89,7 @@ impl TurboLayout for Turbo4 {
         rows: &[u8],
         acc: &mut [f32],
     ) -> bool {
-        if isa() != Isa::Avx2 {
+        if isa() != Isa::Avx2 || acc.len() / hd > super::turbo4_avx2::MAX_QUERIES {
             return false;
         }
         // SAFETY: as in dot_rows_in_place.

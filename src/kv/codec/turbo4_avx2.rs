@@ -16,6 +16,11 @@ use half::f16;
 /// Queries (or V accumulators) served by one pass over the rows.
 const BLOCK: usize = 4;
 
+/// Most queries for which reading in place beats the tile path, which decodes each row once
+/// for any number of queries: a decode step's GQA group (up to 8 on the models we ship), not a
+/// prefill block (16 positions × the group).
+pub const MAX_QUERIES: usize = 2 * BLOCK;
+
 /// Geometry of a turbo4 row of `hd` values in groups of `g`, `header` bytes before each group's
 /// indices.
 #[derive(Clone, Copy)]
@@ -189,8 +194,13 @@ pub unsafe fn axpy_rows(geom: Rows, table: &[f32; 16], w: &[f32], rows: &[u8], a
     }
 }
 
-/// [`axpy_rows`] for `QB` accumulators: 16 columns at a time, their `QB` accumulators held in
-/// registers over all the rows.
+/// Rows per pass of [`axpy_block`]: its 16-column steps each walk the pass's rows again, so a
+/// pass must stay in L1 (64 rows of head_dim 256 are 8.7 KiB). Walking a whole slice per step
+/// read it from L2 or beyond once per 16 columns (gemma-3's 256-wide heads: 16 times).
+const AXPY_ROWS: usize = 64;
+
+/// [`axpy_rows`] for `QB` accumulators: for each pass of [`AXPY_ROWS`] rows, 16 columns at a
+/// time, their `QB` accumulators held in registers over the pass's rows.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_block<const QB: usize>(
     geom: Rows,
@@ -208,32 +218,34 @@ unsafe fn axpy_block<const QB: usize>(
         let hi = _mm256_loadu_ps(table.as_ptr().add(8));
         let m4 = _mm_set1_epi8(0x0F);
         let ap = acc.as_mut_ptr();
-        for c in (0..geom.hd).step_by(16) {
-            let (grp, in_grp) = (c / geom.g, c % geom.g);
-            let mut a = [[_mm256_setzero_ps(); 2]; BLOCK];
-            for (r, ar) in a.iter_mut().enumerate().take(QB) {
-                ar[0] = _mm256_loadu_ps(ap.add(r * geom.hd + c));
-                ar[1] = _mm256_loadu_ps(ap.add(r * geom.hd + c + 8));
-            }
-            for j in 0..n {
-                let gp = rows.as_ptr().add(j * rb + grp * gb);
-                let norm = norm_at(gp);
-                let b = _mm_loadl_epi64(gp.add(geom.header + in_grp / 2) as *const __m128i);
-                let x = _mm_unpacklo_epi8(
-                    _mm_and_si128(b, m4),
-                    _mm_and_si128(_mm_srli_epi16::<4>(b), m4),
-                );
-                let v0 = lookup(lo, hi, _mm256_cvtepu8_epi32(x));
-                let v1 = lookup(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(x)));
+        for j0 in (0..n).step_by(AXPY_ROWS) {
+            for c in (0..geom.hd).step_by(16) {
+                let (grp, in_grp) = (c / geom.g, c % geom.g);
+                let mut a = [[_mm256_setzero_ps(); 2]; BLOCK];
                 for (r, ar) in a.iter_mut().enumerate().take(QB) {
-                    let wj = _mm256_set1_ps(*w.get_unchecked(r * n + j) * norm);
-                    ar[0] = _mm256_fmadd_ps(wj, v0, ar[0]);
-                    ar[1] = _mm256_fmadd_ps(wj, v1, ar[1]);
+                    ar[0] = _mm256_loadu_ps(ap.add(r * geom.hd + c));
+                    ar[1] = _mm256_loadu_ps(ap.add(r * geom.hd + c + 8));
                 }
-            }
-            for (r, ar) in a.iter().enumerate().take(QB) {
-                _mm256_storeu_ps(ap.add(r * geom.hd + c), ar[0]);
-                _mm256_storeu_ps(ap.add(r * geom.hd + c + 8), ar[1]);
+                for j in j0..(j0 + AXPY_ROWS).min(n) {
+                    let gp = rows.as_ptr().add(j * rb + grp * gb);
+                    let norm = norm_at(gp);
+                    let b = _mm_loadl_epi64(gp.add(geom.header + in_grp / 2) as *const __m128i);
+                    let x = _mm_unpacklo_epi8(
+                        _mm_and_si128(b, m4),
+                        _mm_and_si128(_mm_srli_epi16::<4>(b), m4),
+                    );
+                    let v0 = lookup(lo, hi, _mm256_cvtepu8_epi32(x));
+                    let v1 = lookup(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(x)));
+                    for (r, ar) in a.iter_mut().enumerate().take(QB) {
+                        let wj = _mm256_set1_ps(*w.get_unchecked(r * n + j) * norm);
+                        ar[0] = _mm256_fmadd_ps(wj, v0, ar[0]);
+                        ar[1] = _mm256_fmadd_ps(wj, v1, ar[1]);
+                    }
+                }
+                for (r, ar) in a.iter().enumerate().take(QB) {
+                    _mm256_storeu_ps(ap.add(r * geom.hd + c), ar[0]);
+                    _mm256_storeu_ps(ap.add(r * geom.hd + c + 8), ar[1]);
+                }
             }
         }
     }
@@ -253,7 +265,7 @@ mod tests {
         let table: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) * 0.03);
         for (hd, g, header) in [(64, 64, 2), (128, 128, 4), (256, 128, 4)] {
             let geom = Rows { hd, g, header };
-            let (n, rb) = (37, geom.row_bytes());
+            let (n, rb) = (137, geom.row_bytes());
             let mut rows: Vec<u8> = (0..n * rb).map(|i| (i * 151 + 7) as u8).collect();
             for (k, grp) in rows.chunks_mut(geom.group_bytes()).enumerate() {
                 grp[..2].copy_from_slice(&f16::from_f32(0.5 + 0.01 * k as f32).to_le_bytes());
