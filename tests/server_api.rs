@@ -117,6 +117,16 @@ fn sse_events(resp: ureq::http::Response<ureq::Body>) -> Vec<Value> {
 fn chat_completions_plain_streamed_and_constrained() {
     let s = Server::start(&["-c", "4096", "-np", "2", "--api-key", KEY]);
 
+    // Asked twice: the first reads its whole prompt in one chunk, a repeat reuses the cached
+    // prompt and reads its last token again as a decode step over the (compressed) cache, whose
+    // logits differ from the chunk's at the codec's noise. The repeat is what the streamed
+    // request below does too, so the two must agree token for token.
+    let (status, _) = post(
+        &s,
+        "/v1/chat/completions",
+        chat(user("What is the capital of France?"), json!({})),
+    );
+    assert_eq!(status, 200);
     let (status, r) = post(
         &s,
         "/v1/chat/completions",
