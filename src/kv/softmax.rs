@@ -47,9 +47,7 @@ mod avx2 {
                 acc = _mm256_add_ps(acc, e);
                 i += 8;
             }
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            crate::kv::codec::simd::hsum(acc)
         };
         for x in &mut xs[i..] {
             *x = (*x - max).exp();

@@ -227,15 +227,16 @@ fn tile_axpy(w: &[f32], tile: &[f32], acc: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
         super::isa::isa() >= super::isa::Isa::Avx2
     }
 
+    /// The sum of a vector's eight lanes.
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

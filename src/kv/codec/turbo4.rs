@@ -14,14 +14,22 @@ fn header(g: usize) -> usize {
     if g == 128 { 4 } else { 2 }
 }
 
+/// The rows' geometry where the in-place AVX2 reader serves `queries` queries (or V
+/// accumulators) of head dim `hd`; `None` where the tile path should run. AVX-512 hosts keep the
+/// tile path: one 16-lane permute per 16 values decodes faster than two 8-lane ones and a blend,
+/// and it is the path measured there. So do prefill blocks of many queries, for which one
+/// decoded tile serves them all.
 #[cfg(target_arch = "x86_64")]
-fn geometry(hd: usize) -> super::turbo4_avx2::Rows {
+fn in_place(hd: usize, queries: usize) -> Option<super::turbo4_avx2::Rows> {
+    if isa() != Isa::Avx2 || queries > super::turbo4_avx2::MAX_QUERIES {
+        return None;
+    }
     let g = super::turbo::group_width(hd);
-    super::turbo4_avx2::Rows {
+    Some(super::turbo4_avx2::Rows {
         hd,
         g,
         header: header(g),
-    }
+    })
 }
 
 impl TurboLayout for Turbo4 {
@@ -70,14 +78,12 @@ impl TurboLayout for Turbo4 {
         rows: &[u8],
         scores: &mut [f32],
     ) -> bool {
-        // AVX-512 hosts keep the tile path: one 16-lane permute per 16 values decodes faster
-        // than two 8-lane ones and a blend, and it is the path measured there. So do prefill
-        // blocks of many queries, for which one decoded tile serves them all.
-        if isa() != Isa::Avx2 || qs.len() / hd > super::turbo4_avx2::MAX_QUERIES {
+        let Some(geom) = in_place(hd, qs.len() / hd) else {
             return false;
-        }
-        // SAFETY: AVX2 and FMA are present (the level says so); rows are whole turbo4 rows.
-        unsafe { super::turbo4_avx2::dot_rows(geometry(hd), table, qs, rows, scores) };
+        };
+        // SAFETY: AVX2 and FMA are present (`in_place` checked the level); rows are whole
+        // turbo4 rows.
+        unsafe { super::turbo4_avx2::dot_rows(geom, table, qs, rows, scores) };
         true
     }
 
@@ -89,11 +95,11 @@ impl TurboLayout for Turbo4 {
         rows: &[u8],
         acc: &mut [f32],
     ) -> bool {
-        if isa() != Isa::Avx2 || acc.len() / hd > super::turbo4_avx2::MAX_QUERIES {
+        let Some(geom) = in_place(hd, acc.len() / hd) else {
             return false;
-        }
+        };
         // SAFETY: as in dot_rows_in_place.
-        unsafe { super::turbo4_avx2::axpy_rows(geometry(hd), table, w, rows, acc) };
+        unsafe { super::turbo4_avx2::axpy_rows(geom, table, w, rows, acc) };
         true
     }
 
