@@ -44,7 +44,7 @@ pub fn perplexity(
     let tok = engine.tokenizer()?;
     let t0 = Instant::now();
     let tokens = tok.encode(text, true)?;
-    eprintln!(
+    tracing::info!(
         "perplexity: tokenized {} bytes into {} tokens in {:.0} ms",
         text.len(),
         tokens.len(),
@@ -119,7 +119,7 @@ pub fn perplexity(
         write!(out, "[{}]{:.4},", i + 1, (nll / count as f64).exp())?;
         out.flush()?;
         let el = t_start.elapsed().as_secs_f64();
-        eprintln!(
+        tracing::info!(
             "perplexity: chunk {}/{n_chunk} ({:.2} s/chunk, ETA {:.0} s)",
             i + 1,
             el / (i + 1) as f64,

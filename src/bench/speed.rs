@@ -99,13 +99,14 @@ pub fn run(cfg: &BenchConfig, mut on_result: impl FnMut(&BenchResult)) -> Result
                 let vocab = engine.model.arch.vocab as u32;
                 let mut tokens =
                     |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
-                // Warm-up: first-touch of weights and scratch, as llama-bench does.
-                engine.prefill(&mut cache, &tokens(16))?;
+                // Warm-up: first-touch of weights and scratch, as llama-bench does (within
+                // the cache the tests size: `-p 0 -n 4` holds 4 positions).
+                engine.prefill(&mut cache, &tokens(n_ctx.clamp(1, 16)))?;
                 for &depth in &cfg.depths {
                     for &(p, g) in &tests {
                         let mut samples = Vec::new();
                         for rep in 0..cfg.repetitions {
-                            eprintln!(
+                            tracing::info!(
                                 "bench: {} {tk}/{tv} pp{p} tg{g} d{depth} run {}/{}",
                                 file_name(model),
                                 rep + 1,

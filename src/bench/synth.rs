@@ -121,7 +121,7 @@ pub fn write(out: &Path, shape: Shape, n_layer: Option<usize>, ty: WeightType) -
         Ok(Tensor::randn(0f32, 0.02, (rows, cols), &dev)?)
     };
     let quant = |t: &Tensor, dt: GgmlDType, what: &str| -> Result<QTensor> {
-        eprintln!("synth: quantizing {what} {:?} to {dt:?}", t.dims());
+        tracing::info!("synth: quantizing {what} {:?} to {dt:?}", t.dims());
         QTensor::quantize(t, dt).with_context(|| format!("quantizing {what}"))
     };
     let ones = QTensor::quantize(
@@ -213,7 +213,7 @@ pub fn write(out: &Path, shape: Shape, n_layer: Option<usize>, ty: WeightType) -
         .map(String::as_str)
         .zip(tensors.iter().copied())
         .collect();
-    eprintln!(
+    tracing::info!(
         "synth: writing {} tensors to {}",
         tensor_refs.len(),
         out.display()
@@ -223,7 +223,7 @@ pub fn write(out: &Path, shape: Shape, n_layer: Option<usize>, ty: WeightType) -
     gguf_file::write(&mut w, &meta_refs, &tensor_refs)
         .with_context(|| format!("writing {}", out.display()))?;
     let bytes = std::fs::metadata(out)?.len();
-    eprintln!(
+    tracing::info!(
         "synth: {} ({} layers, {ty:?}): {:.2} GiB in {:.1} s",
         shape.name,
         n_layer,

@@ -95,8 +95,8 @@ impl Engine {
             cfg.n_ctx
         };
         if n_ctx > model.arch.max_context {
-            eprintln!(
-                "warning: -c {n_ctx} exceeds the model's training context ({}); quality past it is not guaranteed",
+            tracing::warn!(
+                "-c {n_ctx} exceeds the model's training context ({}); quality past it is not guaranteed",
                 model.arch.max_context
             );
         }
@@ -118,7 +118,7 @@ impl Engine {
             cfg.kv_layer_policy.as_deref(),
         )?;
         let a = &model.arch;
-        eprintln!(
+        tracing::info!(
             "model: {} ({}), {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {}, {:.2} MiB on {}; loaded in {:.0} ms",
             cfg.model.display(),
             a.name,
@@ -133,7 +133,7 @@ impl Engine {
             t0.elapsed().as_secs_f64() * 1e3
         );
         if let Some((bytes, resident)) = model.ple_table() {
-            eprintln!(
+            tracing::info!(
                 "ple: per-layer embedding table {:.2} MiB {}",
                 bytes as f64 / 1048576.0,
                 if resident {
@@ -182,7 +182,7 @@ impl Engine {
             ) {
                 let arch = &engine.model.arch;
                 let moved = engine.policy.promote_k(arch, n_ctx, &calib.k_noise);
-                eprintln!(
+                tracing::info!(
                     "kv cache: turbo2 K moved to turbo3 on layers {moved:?}, where keys move scores most (--kv-layer-policy uniform to opt out)"
                 );
             }
@@ -209,21 +209,21 @@ impl Engine {
                         && c.has_moments()
                         && (c.has_spectra() || !spectra) =>
                 {
-                    eprintln!("kv calibration: read from {}", path.display());
+                    tracing::info!("kv calibration: read from {}", path.display());
                     return Ok(c);
                 }
-                Ok(_) => eprintln!(
+                Ok(_) => tracing::info!(
                     "kv calibration: {} was written for other weights or lacks what this cache \
                      needs; measuring again",
                     path.display()
                 ),
-                Err(e) => eprintln!("warning: {e:#}; measuring the calibration again"),
+                Err(e) => tracing::warn!("{e:#}; measuring the calibration again"),
             }
         }
         let calib = self.calibrate(spectra)?;
         match calib.save(path, &fp) {
-            Ok(()) => eprintln!("kv calibration: saved to {}", path.display()),
-            Err(e) => eprintln!("warning: could not save the kv calibration: {e:#}"),
+            Ok(()) => tracing::info!("kv calibration: saved to {}", path.display()),
+            Err(e) => tracing::warn!("could not save the kv calibration: {e:#}"),
         }
         Ok(calib)
     }
@@ -253,7 +253,7 @@ impl Engine {
         }
         self.prefill(&mut cache, &tokens)?;
         let calib = KvCalibration::from_cache(&cache, spectra)?;
-        eprintln!(
+        tracing::info!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
             if spectra { " and per-head spectra" } else { "" },
             tokens.len(),
@@ -281,7 +281,7 @@ impl Engine {
     /// A fresh cache for `n_ctx` tokens, with the KV bytes printed like llama.cpp does.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
         let cache = self.alloc_cache(n_ctx)?;
-        eprintln!("{}", cache.describe());
+        tracing::info!("{}", cache.describe());
         Ok(cache)
     }
 

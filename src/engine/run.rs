@@ -56,7 +56,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
     };
     if opts.verbose_prompt {
         let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-        eprintln!("prompt ids ({}): {}", prompt.len(), ids.join(","));
+        tracing::info!("prompt ids ({}): {}", prompt.len(), ids.join(","));
     }
     let mut cache = engine.new_cache(engine.n_ctx)?;
     if let Some(path) = &opts.logits_out {
@@ -68,7 +68,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         logits
             .save_safetensors("logits", path)
             .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote logits {:?} to {}", logits.dims(), path.display());
+        tracing::info!("wrote logits {:?} to {}", logits.dims(), path.display());
         cache.truncate(0);
         if opts.n_predict == 0 {
             return Ok(());
@@ -99,7 +99,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         println!();
     }
     let n = out.tokens.len();
-    eprintln!(
+    tracing::info!(
         "prompt: {} tokens in {:.1} ms ({:.1} t/s) | generation: {} tokens in {:.1} ms ({:.1} t/s)",
         prompt.len(),
         out.prompt_ms,
@@ -113,7 +113,7 @@ pub fn run(engine: &Engine, opts: &RunOptions) -> Result<()> {
         },
     );
     if let Some((present, total)) = engine.model.ple_resident_bytes() {
-        eprintln!(
+        tracing::info!(
             "ple: {:.2} MiB of the {:.2} MiB table resident in this process ({:.2}%)",
             present as f64 / 1048576.0,
             total as f64 / 1048576.0,

@@ -128,7 +128,7 @@ impl Scheduler {
             });
         }
         let kv_total: usize = slots.iter().map(|s| s.kv_bytes()).sum();
-        eprintln!(
+        tracing::info!(
             "slots: {n_slots} x {slot_ctx} tokens; {}; kv cache total {:.2} MiB",
             slots[0].cache.describe(),
             kv_total as f64 / 1048576.0

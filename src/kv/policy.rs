@@ -55,7 +55,7 @@ impl KvPolicy {
         let spec = match spec.map(str::trim) {
             Some(s) if !s.is_empty() => s,
             _ if v == CacheType::Turbo2 && n_layer >= 8 => {
-                eprintln!(
+                tracing::info!(
                     "kv cache: boundary-V (mode 7) enabled for turbo2 V: first and last 2 layers' V in q8_0 (--kv-layer-policy uniform to opt out)"
                 );
                 "7"

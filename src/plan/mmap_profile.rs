@@ -198,7 +198,7 @@ pub fn profile(
     target_tps: f64,
 ) -> Result<Vec<PassResult>> {
     let path: PathBuf = dir.join(format!("dh-mmap-profile-{}.bin", std::process::id()));
-    eprintln!(
+    tracing::info!(
         "mmap-profile: writing a {:.1} MiB PLE-shaped table ({} rows x {} B) to {}",
         shape.file_bytes() as f64 / 1048576.0,
         shape.vocab,
@@ -214,7 +214,7 @@ pub fn profile(
             Pattern::RandomScatter,
         ] {
             for cold in [true, false] {
-                eprintln!(
+                tracing::info!(
                     "mmap-profile: {pattern:?} {}",
                     if cold { "cold" } else { "warm" }
                 );

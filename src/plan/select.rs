@@ -110,3 +110,24 @@ pub fn select(
     }
     unreachable!("the last rung of the ladder always returns")
 }
+
+/// What `-ctk auto` / `-ctv auto` resolve to for the model at `model` (a path or profile name)
+/// at `n_ctx` tokens (0: the model's own context): [`select`] against this machine's free
+/// memory, or the GPU's where the model runs there (`on_gpu`).
+pub fn auto(model: &str, n_ctx: usize, on_gpu: bool) -> Result<Selection> {
+    use anyhow::Context;
+    let model = super::profile::resolve(model)?;
+    let n_ctx = if n_ctx == 0 {
+        model.arch.max_context
+    } else {
+        n_ctx
+    };
+    let memory = if on_gpu {
+        super::devices::cuda()
+            .context("-ctk auto with the GPU: no CUDA device found")?
+            .app_budget_mb
+    } else {
+        super::devices::host()?.app_budget_mb
+    };
+    select(&model, n_ctx, memory, DEFAULT_HEADROOM, on_gpu)
+}

@@ -87,7 +87,7 @@ pub fn serve(engine: Engine, cfg: ServeConfig) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!("server: listening on http://{addr} (OpenAI API at /v1)");
+        tracing::info!("server: listening on http://{addr} (OpenAI API at /v1)");
         axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
@@ -159,5 +159,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("server: shutting down, finishing in-flight requests");
+    tracing::info!("server: shutting down, finishing in-flight requests");
 }

@@ -59,9 +59,7 @@ pub fn isa() -> Isa {
             Ok(s) => match Isa::parse(&s) {
                 Some(cap) => cap.min(have),
                 None => {
-                    eprintln!(
-                        "warning: DH_CPU_ISA={s} is not one of avx512, avx2, scalar: ignored"
-                    );
+                    tracing::warn!("DH_CPU_ISA={s} is not one of avx512, avx2, scalar: ignored");
                     have
                 }
             },
