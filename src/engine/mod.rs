@@ -252,7 +252,7 @@ impl Engine {
             l.query_moments = Some(QueryMoments::new(Rope::for_layer(arch, il), l.k.n_kv_head));
         }
         self.prefill(&mut cache, &tokens)?;
-        let calib = KvCalibration::from_cache(&cache, spectra)?;
+        let calib = cache.calibration(spectra)?;
         tracing::info!(
             "kv calibration: K/V means{} over {} tokens in {:.0} ms (rotation codecs store rows centered on them)",
             if spectra { " and per-head spectra" } else { "" },

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use super::calibration::{KvCalibration, QueryMoments, Spectrum, balance_blocks};
+use super::calibration::{KvCalibration, LayerRows, QueryMoments, Spectrum, balance_blocks};
 use super::codec::axpy_f32;
 use super::codec::f16::F16Codec;
 use super::{CacheType, KvCodec, KvPolicy};
@@ -14,8 +14,7 @@ pub const SINK_ROWS: usize = 4;
 
 static SINK_CODEC: F16Codec = F16Codec;
 
-/// Widest head the stores take (Gemma's global layers use 512).
-pub const MAX_HEAD_DIM: usize = 512;
+pub use super::codec::MAX_HEAD_DIM;
 
 /// Sink rows a store of `capacity` rows keeps: they come with centering (both are off for the
 /// fork's plain TurboQuant).
@@ -428,6 +427,29 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The K/V calibration over the positions this cache holds (an f32 cache that has read the
+    /// calibration text), leaving out position 0: the first token is an attention sink whose
+    /// K/V are unlike the rest. Sliding-window layers use the rows they still hold.
+    pub fn calibration(&self, spectra: bool) -> Result<KvCalibration> {
+        let n = self.len;
+        let layers = self.layers.iter().map(|layer| {
+            let first = layer
+                .sliding_window
+                .map_or(1, |w| n.saturating_sub(w).max(1))
+                .min(n);
+            let rows = |s: &RowStore| (s.capacity > 0).then(|| s.values(first..n)).transpose();
+            Ok(LayerRows {
+                head_dim: layer.head_dim,
+                n_kv_head: layer.k.n_kv_head,
+                first,
+                k: rows(&layer.k)?,
+                v: rows(&layer.v)?,
+                query_moments: layer.query_moments.as_ref(),
+            })
+        });
+        KvCalibration::measure(n, layers, spectra)
+    }
+
     /// Storage for `n_ctx` tokens. With `calib`, rotation-codec stores keep its means and
     /// center their rows. On a GPU `device`, layers whose types have kernels keep their rows
     /// there (`kv::device`); the rest stay in host memory.

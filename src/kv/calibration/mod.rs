@@ -30,16 +30,15 @@ mod file;
 mod phase;
 mod spectrum;
 
+pub use crate::kv::codec::spectrum::Spectrum;
 pub use file::fingerprint;
 pub use phase::{PairMoments, QueryMoments};
-pub use spectrum::Spectrum;
 use spectrum::covariance;
 
 use std::ops::Range;
 
 use anyhow::Result;
 
-use crate::kv::store::KvCache;
 use crate::model::arch::{LayerGeometry, ModelArchitecture};
 use crate::model::layers::Rope;
 
@@ -105,6 +104,18 @@ pub struct KvCalibration {
     pub moments: Vec<Option<PairMoments>>,
 }
 
+/// One layer's rows from the calibration pass, as [`KvCalibration::measure`] reads them: K's and
+/// V's values [n_kv_head, positions, head_dim] at positions `first..` (`None` where the layer
+/// stores nothing: shared-KV layers), and the queries' moments where the pass kept them.
+pub struct LayerRows<'a> {
+    pub head_dim: usize,
+    pub n_kv_head: usize,
+    pub first: usize,
+    pub k: Option<Vec<f32>>,
+    pub v: Option<Vec<f32>>,
+    pub query_moments: Option<&'a QueryMoments>,
+}
+
 /// Channel weights are kept within this factor of 1, so a channel the calibration text barely
 /// used is not starved.
 const MAX_CHANNEL_SCALE: f32 = 8.0;
@@ -164,15 +175,17 @@ pub(crate) fn balance_blocks(
 }
 
 impl KvCalibration {
-    /// Means (and with `spectra`, covariance spectra) over the positions stored in `cache` (an
-    /// f32 cache that has read the calibration text), leaving out position 0: the first token is
-    /// an attention sink whose K/V are unlike the rest. Sliding-window layers use the rows they
-    /// still hold. Where the pass kept [`QueryMoments`], K's and the queries' pair moments are
-    /// kept for [`serve`](Self::serve).
-    pub fn from_cache(cache: &KvCache, spectra: bool) -> Result<Self> {
-        let n = cache.len;
+    /// Means (and with `spectra`, covariance spectra) over `tokens` positions of the calibration
+    /// text, from each layer's rows as the pass stored them ([`LayerRows`], in layer order;
+    /// `kv::store::KvCache::calibration` reads them). Where the pass kept [`QueryMoments`], K's
+    /// and the queries' pair moments are kept for [`serve`](Self::serve).
+    pub fn measure<'a>(
+        tokens: usize,
+        layers: impl Iterator<Item = Result<LayerRows<'a>>>,
+        spectra: bool,
+    ) -> Result<Self> {
         let mut out = Self {
-            tokens: n,
+            tokens,
             k_mean: Vec::new(),
             v_mean: Vec::new(),
             k_spectra: Vec::new(),
@@ -185,23 +198,19 @@ impl KvCalibration {
             k_noise: Vec::new(),
             moments: Vec::new(),
         };
-        for layer in &cache.layers {
+        for layer in layers {
+            let layer = layer?;
             let hd = layer.head_dim;
-            let lo = layer
-                .sliding_window
-                .map_or(1, |w| n.saturating_sub(w).max(1))
-                .min(n);
             let (mut moments, mut v_var) = (None, Vec::new());
-            for (k, store, means, specs) in [
+            for (k, rows, means, specs) in [
                 (true, &layer.k, &mut out.k_mean, &mut out.k_spectra),
                 (false, &layer.v, &mut out.v_mean, &mut out.v_spectra),
             ] {
-                let mut mean = vec![0f32; store.n_kv_head * hd];
+                let mut mean = vec![0f32; layer.n_kv_head * hd];
                 let mut layer_spectra = Vec::new();
                 // Shared-KV layers store nothing: their mean stays zero and unused.
-                if store.capacity > 0 {
-                    let all = store.values(lo..n)?;
-                    let per_head = (n - lo) * hd;
+                if let Some(all) = rows {
+                    let per_head = all.len() / layer.n_kv_head;
                     for (h, m) in mean.chunks_exact_mut(hd).enumerate() {
                         let rows = &all[h * per_head..(h + 1) * per_head];
                         let count = (rows.len() / hd).max(1);
@@ -220,8 +229,8 @@ impl KvCalibration {
                             }));
                         }
                     }
-                    if let Some(qm) = layer.query_moments.as_ref().filter(|_| k) {
-                        moments = Some(qm.pair_moments(&all, lo));
+                    if let Some(qm) = layer.query_moments.filter(|_| k) {
+                        moments = Some(qm.pair_moments(all, layer.first));
                     }
                 }
                 means.push(mean);

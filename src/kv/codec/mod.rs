@@ -10,6 +10,7 @@ pub mod q4_0;
 pub mod q8_0;
 pub mod rotor;
 pub mod spectral;
+pub mod spectrum;
 pub mod turbo;
 pub mod turbo2;
 pub mod turbo3;
@@ -18,7 +19,10 @@ pub mod turbo4;
 pub mod turbo4_avx2;
 pub mod wht;
 
-use super::calibration::Spectrum;
+use spectrum::Spectrum;
+
+/// Widest head the stores take (Gemma's global layers use 512).
+pub const MAX_HEAD_DIM: usize = 512;
 
 /// Stores one head's row (`head_dim` values) in `bytes_per_row` bytes and computes attention on it.
 ///

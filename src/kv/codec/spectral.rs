@@ -27,10 +27,10 @@ use half::f16;
 use nalgebra::DMatrix;
 
 use super::KvCodec;
+use super::MAX_HEAD_DIM;
 use super::lloyd_max::{self, MAX_BITS};
+use super::spectrum::Spectrum;
 use super::turbo::SplitMix;
-use crate::kv::calibration::Spectrum;
-use crate::kv::store::MAX_HEAD_DIM;
 
 pub type Spectral3Codec = Spectral<3>;
 pub type Spectral4Codec = Spectral<4>;
