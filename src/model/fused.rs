@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_core::cuda_backend::CudaDevice;
 use cudarc::driver::{CudaFunction, PushKernelArg};
 
-use super::layers::Activation;
+use super::activation::Activation;
 use crate::gpu::{Input, cuda, launch_cfg, scratch, tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));

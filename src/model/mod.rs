@@ -1,8 +1,10 @@
 //! Models: geometry (`arch`), loaders (`gguf`, `safetensors`) and forward passes (`llama`, `gemma`).
 
+pub mod activation;
 pub mod arch;
 pub mod attn;
 pub mod convert;
+pub mod embedding;
 #[cfg(feature = "cuda")]
 pub mod fused;
 pub mod gemma;

@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::arch::{
     ArchExtras, ArchKind, LayerGeometry, ModelArchitecture, PleDims, RopeStyle, cfg_usize,
 };
-use super::layers::{Embedding, RowBytes, RowFormat};
+use super::embedding::{Embedding, RowBytes, RowFormat};
 
 pub struct HfDir {
     pub dir: PathBuf,
