@@ -106,21 +106,37 @@ pub fn bench_main(a: &BenchArgs) -> Result<()> {
     }
     let mut results = Vec::new();
     for model in &a.model {
-        let (mut types_k, mut types_v) = (Vec::new(), Vec::new());
-        for (types, given, is_k) in [
-            (&mut types_k, &a.cache_type_k, true),
-            (&mut types_v, &a.cache_type_v, false),
-        ] {
-            for &t in given {
-                let (k, v) = resolve_kv_types(
-                    (t, t),
-                    &model.to_string_lossy(),
-                    n_ctx,
-                    matches!(device, DeviceChoice::Cuda(_)),
-                )?;
-                types.push(if is_k { k } else { v });
-            }
-        }
+        // `auto` asks `select` once per model; fixed types pass through.
+        let auto = a
+            .cache_type_k
+            .iter()
+            .chain(&a.cache_type_v)
+            .any(|t| *t == KvType::Auto);
+        let chosen = if auto {
+            let on_gpu = matches!(device, DeviceChoice::Cuda(_));
+            let kv = (KvType::Auto, KvType::Auto);
+            Some(resolve_kv_types(
+                kv,
+                &model.to_string_lossy(),
+                n_ctx,
+                on_gpu,
+            )?)
+        } else {
+            None
+        };
+        let types = |given: &[KvType], side: fn((CacheType, CacheType)) -> CacheType| {
+            given
+                .iter()
+                .map(|t| match t {
+                    KvType::Fixed(t) => *t,
+                    KvType::Auto => side(chosen.expect("resolved above when any is auto")),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (types_k, types_v) = (
+            types(&a.cache_type_k, |c| c.0),
+            types(&a.cache_type_v, |c| c.1),
+        );
         let cfg = BenchConfig {
             models: vec![model.clone()],
             n_prompt: a.n_prompt.clone(),

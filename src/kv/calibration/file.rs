@@ -157,20 +157,7 @@ impl KvCalibration {
             Ok(v.map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                 .collect())
         };
-        let mut out = Self {
-            tokens,
-            k_mean: Vec::new(),
-            v_mean: Vec::new(),
-            k_spectra: Vec::new(),
-            v_spectra: Vec::new(),
-            center: true,
-            k_scale: Vec::new(),
-            k_center: Vec::new(),
-            k_var: Vec::new(),
-            v_var: Vec::new(),
-            k_noise: Vec::new(),
-            moments: Vec::new(),
-        };
+        let mut out = Self::empty(tokens);
         for kv in ["k", "v"] {
             for il in 0..layers {
                 let Some((_, mean)) = floats(&format!("{kv}.{il}.mean"))? else {

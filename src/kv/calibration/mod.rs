@@ -175,16 +175,9 @@ pub(crate) fn balance_blocks(
 }
 
 impl KvCalibration {
-    /// Means (and with `spectra`, covariance spectra) over `tokens` positions of the calibration
-    /// text, from each layer's rows as the pass stored them ([`LayerRows`], in layer order;
-    /// `kv::store::KvCache::calibration` reads them). Where the pass kept [`QueryMoments`], K's
-    /// and the queries' pair moments are kept for [`serve`](Self::serve).
-    pub fn measure<'a>(
-        tokens: usize,
-        layers: impl Iterator<Item = Result<LayerRows<'a>>>,
-        spectra: bool,
-    ) -> Result<Self> {
-        let mut out = Self {
+    /// A calibration over `tokens` positions with nothing measured yet (rows centered).
+    fn empty(tokens: usize) -> Self {
+        Self {
             tokens,
             k_mean: Vec::new(),
             v_mean: Vec::new(),
@@ -197,7 +190,19 @@ impl KvCalibration {
             v_var: Vec::new(),
             k_noise: Vec::new(),
             moments: Vec::new(),
-        };
+        }
+    }
+
+    /// Means (and with `spectra`, covariance spectra) over `tokens` positions of the calibration
+    /// text, from each layer's rows as the pass stored them ([`LayerRows`], in layer order;
+    /// `kv::store::KvCache::calibration` reads them). Where the pass kept [`QueryMoments`], K's
+    /// and the queries' pair moments are kept for [`serve`](Self::serve).
+    pub fn measure<'a>(
+        tokens: usize,
+        layers: impl Iterator<Item = Result<LayerRows<'a>>>,
+        spectra: bool,
+    ) -> Result<Self> {
+        let mut out = Self::empty(tokens);
         for layer in layers {
             let layer = layer?;
             let hd = layer.head_dim;
