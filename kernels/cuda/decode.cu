@@ -133,7 +133,7 @@ struct KLane {
     const uint8_t* row;
     SpectralScales sc;
     __device__ __forceinline__ void load(const uint8_t* grp, int t) {
-        if constexpr (C == C_SPECTRAL) {
+        if constexpr (C == C_SPECTRAL4) {
             row = grp;
             sc.load(grp);
         } else if constexpr (is_turbo(C)) {
@@ -144,7 +144,7 @@ struct KLane {
         }
     }
     __device__ __forceinline__ float at(int kk, int j, const float* cb, int t) const {
-        if constexpr (C == C_SPECTRAL)
+        if constexpr (C == C_SPECTRAL4)
             return sc.value(row, __float_as_uint(cb[dim(kk, t) + j]), cb + GW);
         else if constexpr (is_turbo(C)) return cb[c.at(4 * kk + j)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w[kk] >> (8 * j));
@@ -165,7 +165,7 @@ struct VLane {
     const uint8_t* row;
     SpectralScales sc;
     __device__ __forceinline__ void load(const uint8_t* grp, int g) {
-        if constexpr (C == C_SPECTRAL) {
+        if constexpr (C == C_SPECTRAL4) {
             row = grp;
             sc.load(grp);
         } else if constexpr (is_turbo(C)) {
@@ -177,7 +177,7 @@ struct VLane {
         }
     }
     __device__ __forceinline__ float at(int mt, int hi, const float* cb, int g) const {
-        if constexpr (C == C_SPECTRAL)
+        if constexpr (C == C_SPECTRAL4)
             return sc.value(row, __float_as_uint(cb[dim(mt, g, hi)]), cb + GW);
         else if constexpr (is_turbo(C)) return cb[c.at(2 * mt + hi)];
         else if constexpr (C == C_Q8_0) return (float)(int8_t)(w >> (16 * mt + 8 * hi));
@@ -191,7 +191,7 @@ struct VLane {
 // Floats of a codec's codebook in a decoding block's shared memory: turbo's 16 centroids, or a
 // spectral head's descriptors and centroids.
 __host__ __device__ constexpr int cb_floats(int c, int d) {
-    return c == C_SPECTRAL ? SPEC_MIDS(d) : 16;
+    return c == C_SPECTRAL4 ? SPEC_MIDS(d) : 16;
 }
 
 // A decoding block's shared memory besides the staged rows.
@@ -230,8 +230,8 @@ __device__ __forceinline__ void attn_partial(
     const Staged vs = stage_rows(stage + staged_size(split, k_rb), v_rows + head * v_rb, v_rb,
                                  capacity, slot0, len);
     // Spectral tables are per head: this block's.
-    const float* kt = KC == C_SPECTRAL ? k_cb + (size_t)kvh * spec_table(D) : k_cb;
-    const float* vt = VC == C_SPECTRAL ? v_cb + (size_t)kvh * spec_table(D) : v_cb;
+    const float* kt = KC == C_SPECTRAL4 ? k_cb + (size_t)kvh * spec_table(D) : k_cb;
+    const float* vt = VC == C_SPECTRAL4 ? v_cb + (size_t)kvh * spec_table(D) : v_cb;
     for (int i = tid; i < cb_floats(KC, D); i += blockDim.x) sh.kcb[i] = kt[i];
     for (int i = tid; i < cb_floats(VC, D); i += blockDim.x) sh.vcb[i] = vt[i];
     for (int i = tid; i < MAX_Q * D; i += blockDim.x)
@@ -287,8 +287,8 @@ __device__ __forceinline__ void attn_partial(
                     mma16816(c, a, qb[gi * KS + kk][0], qb[gi * KS + kk][1]);
                 }
                 // (spectral values come scaled)
-                const float na = KC == C_SPECTRAL ? 1.f : half_at(ga);
-                const float nb = KC == C_SPECTRAL ? 1.f : half_at(gb);
+                const float na = KC == C_SPECTRAL4 ? 1.f : half_at(ga);
+                const float nb = KC == C_SPECTRAL4 ? 1.f : half_at(gb);
                 s[0] += na * c[0];
                 s[1] += na * c[1];
                 s[2] += nb * c[2];
@@ -357,7 +357,7 @@ __device__ __forceinline__ void attn_partial(
                 for (int k = 0; k < 4; k++) {
                     const uint8_t* grp = vs.row(rr[k]) + gi * VGB;
                     c[k].load(grp, g);
-                    wn[k] = VC == C_SPECTRAL ? w[k] : w[k] * half_at(grp);
+                    wn[k] = VC == C_SPECTRAL4 ? w[k] : w[k] * half_at(grp);
                 }
                 const uint32_t b0 = pack_half2(wn[0], wn[1]), b1 = pack_half2(wn[2], wn[3]);
 #pragma unroll
@@ -416,15 +416,9 @@ __device__ __forceinline__ void attn_partial(
 // (expands DEC_KN before pasting)
 #define ATTN_PARTIAL(D, KN, KC, VN, VC) ATTN_PARTIAL_(D, KN, KC, VN, VC)
 
-#define ATTN_PARTIAL_V(D)                                  \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, f16, C_F16)            \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, turbo4, C_TURBO4)      \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, turbo3, C_TURBO3)      \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, turbo2, C_TURBO2)      \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, q8_0, C_Q8_0)          \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, q4_0, C_Q4_0)          \
-    ATTN_PARTIAL(D, DEC_KN, DEC_KC, spectral4, C_SPECTRAL)
-
-ATTN_PARTIAL_V(64)
-ATTN_PARTIAL_V(128)
-ATTN_PARTIAL_V(256)
+#define ATTN_PARTIAL_64(VN, VC) ATTN_PARTIAL(64, DEC_KN, DEC_KC, VN, VC)
+#define ATTN_PARTIAL_128(VN, VC) ATTN_PARTIAL(128, DEC_KN, DEC_KC, VN, VC)
+#define ATTN_PARTIAL_256(VN, VC) ATTN_PARTIAL(256, DEC_KN, DEC_KC, VN, VC)
+FOR_EACH_CODEC(ATTN_PARTIAL_64)
+FOR_EACH_CODEC(ATTN_PARTIAL_128)
+FOR_EACH_CODEC(ATTN_PARTIAL_256)

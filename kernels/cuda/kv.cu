@@ -29,7 +29,7 @@ __constant__ float SIGNS2[128] = {
 __device__ __forceinline__ float value_at(int codec, const uint8_t* row, int v, int d,
                                           const float* cb) {
     if (codec == C_F16) return half_at(row + 2 * v);
-    if (codec == C_SPECTRAL) return spectral_value(row, __float_as_uint(cb[v]), cb + SPEC_LUT(d));
+    if (codec == C_SPECTRAL4) return spectral_value(row, __float_as_uint(cb[v]), cb + SPEC_LUT(d));
     const int g = group_width(codec, d), o = v % g;
     const uint8_t* grp = row + (v / g) * group_bytes(codec, g);
     const float scale = half_at(grp);
@@ -445,14 +445,14 @@ struct Store {
     int search;
     // Head h's row in shared memory into the codec's domain (or back).
     __device__ __forceinline__ void rotate(float* s, int d, bool inverse, int h) const {
-        if (codec == C_SPECTRAL)
+        if (codec == C_SPECTRAL4)
             basis_shared(s, d, inverse, rot + (size_t)h * d * d);
         else if (is_turbo(codec))
             rotate_shared(s, d, inverse, rot_blk, rot);
     }
     // The codebook (turbo) or head h's table (spectral) value_at reads.
     __device__ __forceinline__ const float* table(int h, int d) const {
-        return codec == C_SPECTRAL ? cb + (size_t)h * spec_table(d) : cb;
+        return codec == C_SPECTRAL4 ? cb + (size_t)h * spec_table(d) : cb;
     }
     // Where head h's value v at sink position p, and its ring row for position p, live.
     __device__ __forceinline__ uint8_t* sink_at(int h, long long p, int v, int d) const {
@@ -493,7 +493,7 @@ __device__ void put_row(const Store& st, float val, int h, long long p, long lon
         return;
     }
     uint8_t* row = store ? st.ring_row(h, p, capacity) : nullptr;
-    if (st.codec == C_SPECTRAL)
+    if (st.codec == C_SPECTRAL4)
         return store_spectral(val, row, own, d, st.rb, st.table(h, d),
                               st.rot + (size_t)h * d * d);
     store_row(val, row, own, st.codec, d, st.cb,

@@ -20,10 +20,32 @@ pub use codec::KvCodec;
 pub use policy::KvPolicy;
 pub use store::{KvCache, LayerCache};
 
-/// Declares the cache types: variant, the name `-ctk` / `-ctv` take, the codec that stores it.
-/// Adding a codec is its file under `codec/` plus one line here.
+/// Which GPU kernels read a cache type's rows (src/kv/registry.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    /// Its own, with this codec id.
+    Own(usize),
+    /// Another type's, whose bytes it shares.
+    Like(CacheType),
+    /// None: host memory only.
+    Host,
+}
+
+macro_rules! kernels {
+    ([kernels $id:literal]) => {
+        Kernels::Own($id)
+    };
+    ([like $t:ident]) => {
+        Kernels::Like(CacheType::$t)
+    };
+    ([host]) => {
+        Kernels::Host
+    };
+}
+
+/// Builds [`CacheType`] from the registry's lines: variant, name, codec, GPU kernels.
 macro_rules! cache_types {
-    ($($variant:ident => $name:literal, $codec:expr;)+) => {
+    ($($variant:ident => $name:literal, $codec:expr, $gpu:tt;)+) => {
         /// A KV cache storage type, as `-ctk` / `-ctv` spell it.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum CacheType {
@@ -45,30 +67,39 @@ macro_rules! cache_types {
                     $(CacheType::$variant => Box::new($codec),)+
                 }
             }
+
+            fn kernels(self) -> Kernels {
+                match self {
+                    $(CacheType::$variant => kernels!($gpu),)+
+                }
+            }
         }
     };
 }
 
-cache_types! {
-    F32 => "f32", codec::f32::F32Codec;
-    F16 => "f16", codec::f16::F16Codec;
-    Bf16 => "bf16", codec::f16::Bf16Codec;
-    Q8_0 => "q8_0", codec::q8_0::Q8_0Codec;
-    Q4_0 => "q4_0", codec::q4_0::Q4_0Codec;
-    Turbo4 => "turbo4", codec::turbo4::Turbo4Codec::default();
-    Turbo3 => "turbo3", codec::turbo3::Turbo3Codec::default();
-    Turbo2 => "turbo2", codec::turbo2::Turbo2Codec::default();
-    Planar4 => "planar4", codec::planar::Planar4Codec::default();
-    Planar3 => "planar3", codec::planar::Planar3Codec::default();
-    Iso4 => "iso4", codec::iso::Iso4Codec::default();
-    Iso3 => "iso3", codec::iso::Iso3Codec::default();
-    Rotor4 => "rotor4", codec::rotor::Rotor4Codec::default();
-    Rotor3 => "rotor3", codec::rotor::Rotor3Codec::default();
-    Spectral4 => "spectral4", codec::spectral::Spectral4Codec::default();
-    Spectral3 => "spectral3", codec::spectral::Spectral3Codec::default();
-}
+include!("registry.rs");
 
 impl CacheType {
+    /// The type whose GPU kernels read rows of this one: itself where it has its own; for the
+    /// RotorQuant family the turbo type of its bit width (its bytes under its own block
+    /// rotation), for spectral3 spectral4 (per-head tables read any width); `None` for types
+    /// kept in host memory.
+    pub fn kernel_type(self) -> Option<CacheType> {
+        match self.kernels() {
+            Kernels::Own(_) => Some(self),
+            Kernels::Like(t) => Some(t),
+            Kernels::Host => None,
+        }
+    }
+
+    /// The kernels' codec id (`C_*` in the generated codec_ids.cuh) of [`Self::kernel_type`].
+    pub fn kernel_id(self) -> Option<usize> {
+        match self.kernel_type()?.kernels() {
+            Kernels::Own(id) => Some(id),
+            _ => None,
+        }
+    }
+
     /// The TurboQuant family, which the fork's layer-adaptive modes key on.
     pub fn is_turbo(self) -> bool {
         matches!(self, Self::Turbo2 | Self::Turbo3 | Self::Turbo4)
@@ -108,6 +139,50 @@ impl FromStr for CacheType {
                 let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
                 bail!("unknown cache type `{s}` (supported: {})", names.join(", "))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotorquant_runs_on_turbo_kernels_and_spectral3_on_spectral4s() {
+        use CacheType::*;
+        for (ty, kernels) in [
+            (Rotor4, Some(Turbo4)),
+            (Iso4, Some(Turbo4)),
+            (Planar4, Some(Turbo4)),
+            (Rotor3, Some(Turbo3)),
+            (Iso3, Some(Turbo3)),
+            (Planar3, Some(Turbo3)),
+            (Turbo2, Some(Turbo2)),
+            (Q8_0, Some(Q8_0)),
+            (Spectral3, Some(Spectral4)),
+            (F32, None),
+        ] {
+            assert_eq!(ty.kernel_type(), kernels, "{ty}");
+            // The kernels read the rows as the turbo type's bytes.
+            if let Some(k) = kernels.filter(|_| ty.codec().block_rotation().is_some()) {
+                assert_eq!(ty.codec().bytes_per_row(128), k.codec().bytes_per_row(128));
+            }
+        }
+    }
+
+    /// What build.rs also checks of the registry: kernel ids 0..n, each once, and every
+    /// borrowed kernel a type's own.
+    #[test]
+    fn kernel_ids_are_dense_and_borrowed_kernels_exist() {
+        let mut ids: Vec<usize> = CacheType::ALL
+            .iter()
+            .filter(|t| t.kernel_type() == Some(**t))
+            .filter_map(|t| t.kernel_id())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, (0..ids.len()).collect::<Vec<_>>());
+        for &t in CacheType::ALL {
+            assert_eq!(t.kernel_type().is_some(), t.kernel_id().is_some(), "{t}");
         }
     }
 }

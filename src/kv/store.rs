@@ -353,36 +353,6 @@ pub struct LayerCache {
     pub query_moments: Option<QueryMoments>,
 }
 
-/// Cache types with GPU kernels (`kernels/cuda/kv.cu`), in the kernels' codec-id order.
-pub const GPU_TYPES: [CacheType; 7] = [
-    CacheType::F16,
-    CacheType::Turbo4,
-    CacheType::Turbo3,
-    CacheType::Turbo2,
-    CacheType::Q8_0,
-    CacheType::Q4_0,
-    CacheType::Spectral4,
-];
-
-/// The type whose GPU kernels run `ty`: `ty` itself where it is one of [`GPU_TYPES`]; for the
-/// RotorQuant family the turbo type of its bit width, whose bytes it shares (the kernels turn
-/// its block rotation where turbo's turn the WHT); for SpectralQuant spectral4's, which read
-/// any width through per-head tables; `None` for types without kernels.
-pub fn gpu_kernel_type(ty: CacheType) -> Option<CacheType> {
-    if GPU_TYPES.contains(&ty) {
-        return Some(ty);
-    }
-    if ty.codec().needs_spectrum() {
-        return Some(CacheType::Spectral4);
-    }
-    match ty.codec().block_rotation()?.bits {
-        4 => Some(CacheType::Turbo4),
-        3 => Some(CacheType::Turbo3),
-        2 => Some(CacheType::Turbo2),
-        _ => None,
-    }
-}
-
 /// Whether layer `il` keeps its K/V in GPU memory when the model runs on a GPU: both types have
 /// kernels, head_dim is one the kernels read (64, 128 or 256) and the GQA group fits (≤ 8
 /// queries) — in every layer where some layers read others' K/V (Gemma 3n/4's shared tail: all
@@ -397,8 +367,8 @@ pub fn layer_on_gpu(arch: &ModelArchitecture, il: usize, k: CacheType, v: CacheT
     };
     let shared_kv = (0..arch.n_layer).any(|j| arch.kv_source(j).is_some());
     let no_attention = (0..arch.n_layer).any(|j| !arch.stores_kv(j) && arch.kv_source(j).is_none());
-    gpu_kernel_type(k).is_some()
-        && gpu_kernel_type(v).is_some()
+    k.kernel_type().is_some()
+        && v.kernel_type().is_some()
         && !no_attention
         && if shared_kv {
             (0..arch.n_layer).all(fits)
@@ -642,29 +612,6 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rotorquant_runs_on_turbo_kernels_and_spectral3_on_spectral4s() {
-        use CacheType::*;
-        for (ty, kernels) in [
-            (Rotor4, Some(Turbo4)),
-            (Iso4, Some(Turbo4)),
-            (Planar4, Some(Turbo4)),
-            (Rotor3, Some(Turbo3)),
-            (Iso3, Some(Turbo3)),
-            (Planar3, Some(Turbo3)),
-            (Turbo2, Some(Turbo2)),
-            (Q8_0, Some(Q8_0)),
-            (Spectral3, Some(Spectral4)),
-            (F32, None),
-        ] {
-            assert_eq!(gpu_kernel_type(ty), kernels, "{ty}");
-            // The kernels read the rows as the turbo type's bytes.
-            if let Some(k) = kernels.filter(|_| ty.codec().block_rotation().is_some()) {
-                assert_eq!(ty.codec().bytes_per_row(128), k.codec().bytes_per_row(128));
-            }
-        }
-    }
 
     #[test]
     fn ring_segments_wrap_and_stay_aligned() {

@@ -7,7 +7,6 @@ use serde::Serialize;
 use super::memory::{PlanRequest, breakdown};
 use super::profile::PlanModel;
 use crate::kv::CacheType;
-use crate::kv::store::gpu_kernel_type;
 
 /// Candidates, best quality first (docs/QUALITY.md: turbo4 costs SmolLM2 +2.7% perplexity at
 /// 0.27x f16; K is more sensitive than V, so V steps down first).
@@ -57,9 +56,7 @@ pub fn select(
     )];
     let ladder: Vec<_> = LADDER
         .into_iter()
-        .filter(|(k, v)| {
-            !on_gpu || (gpu_kernel_type(*k).is_some() && gpu_kernel_type(*v).is_some())
-        })
+        .filter(|(k, v)| !on_gpu || (k.kernel_type().is_some() && v.kernel_type().is_some()))
         .collect();
     let last = ladder.len() - 1;
     for (i, &(k, v)) in ladder.iter().enumerate() {

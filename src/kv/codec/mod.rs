@@ -57,6 +57,11 @@ pub trait KvCodec: Send + Sync {
     fn searches_scale(&self) -> bool {
         false
     }
+    /// Bits per code where rows are codes into `lloyd_max::turbo`'s codebook of the rotation
+    /// group's width (the TurboQuant layouts, whatever their rotation); `None` otherwise.
+    fn codebook_bits(&self) -> Option<u32> {
+        None
+    }
     /// Codecs that store a turbo layout under a rotation of small blocks: what the GPU kernels
     /// need to run them as that layout; `None` otherwise.
     fn block_rotation(&self) -> Option<turbo::BlockRotation> {

@@ -212,6 +212,9 @@ impl<L: TurboLayout, R: Rotation> Turbo<L, R> {
 }
 
 impl<L: TurboLayout, R: Rotation> KvCodec for Turbo<L, R> {
+    fn codebook_bits(&self) -> Option<u32> {
+        Some(L::BITS)
+    }
     fn block_size(&self) -> usize {
         64
     }
