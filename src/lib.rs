@@ -4,6 +4,7 @@
 //! `model` (geometry, loaders, forward passes), `kv` (the pluggable cache and attention),
 //! `tokenizer`, `chat`, `engine` (generation), `bench` (perplexity, benchmarks).
 
+pub mod arch;
 pub mod bench;
 pub mod chat;
 pub mod engine;

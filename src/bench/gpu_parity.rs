@@ -172,9 +172,9 @@ pub fn check_layer(
     shape: Option<(usize, usize, usize)>,
     centered: bool,
 ) -> Result<LayerReport> {
+    use crate::arch::Rope;
+    use crate::arch::RopeStyle;
     use crate::kv::{KvCache, KvPolicy};
-    use crate::model::arch::RopeStyle;
-    use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let gpu_dev = DeviceChoice::Cuda(0).open()?;
     let cpu = engine(engine_model, 64, (ty, ty), false, DeviceChoice::Cpu)?;
@@ -266,7 +266,7 @@ pub fn check_layer(
         };
         let run = |cache: &mut KvCache, tile: Option<usize>| -> Result<Vec<f32>> {
             let l0 = &mut cache.layers[0];
-            let out = crate::kv::device::attention(
+            let out = crate::kv::attention::device::attention(
                 l0,
                 &qd,
                 &kd,
@@ -334,10 +334,10 @@ pub fn time_decode(
     ctx: usize,
     reps: usize,
 ) -> Result<DecodeTiming> {
+    use crate::arch::Rope;
+    use crate::arch::RopeStyle;
     use crate::kv::LayerCache;
     use crate::kv::store::RowStore;
-    use crate::model::arch::RopeStyle;
-    use crate::model::layers::Rope;
     use candle_core::{Device, Tensor};
     let dev = DeviceChoice::Cuda(0).open()?;
     let Device::Cuda(cd) = &dev else {
@@ -358,7 +358,9 @@ pub fn time_decode(
     while pos < ctx {
         let t = (ctx - pos).min(512);
         let (q, k, v) = (rand(t * n_head)?, rand(t * n_kv)?, rand(t * n_kv)?);
-        crate::kv::device::attention(&mut cache, &q, &k, &v, None, pos, n_head, scale, None)?;
+        crate::kv::attention::device::attention(
+            &mut cache, &q, &k, &v, None, pos, n_head, scale, None,
+        )?;
         pos += t;
     }
     let (q, k, v) = (rand(n_head)?, rand(n_kv)?, rand(n_kv)?);
@@ -371,7 +373,7 @@ pub fn time_decode(
     dev.synchronize()?;
     let t0 = std::time::Instant::now();
     for _ in 0..reps {
-        crate::kv::device::attention(
+        crate::kv::attention::device::attention(
             &mut cache,
             &q,
             &k,

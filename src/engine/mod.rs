@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Rope;
 use crate::chat::ChatTemplate;
 use crate::kv::calibration::{self, CALIBRATION_TEXT, KvCalibration, QueryMoments};
 use crate::kv::{CacheType, KvCache, KvPolicy};
-use crate::model::layers::{Rope, Source};
+use crate::model::layers::Source;
 use crate::model::{Logits, Model};
 use crate::tokenizer::Tok;
 pub use device::DeviceChoice;

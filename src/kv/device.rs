@@ -1,13 +1,13 @@
 //! The KV cache in GPU memory (`--features cuda`): rows stay on the device in the CPU codecs'
-//! bytes and store layout, K/V are quantized there as they are appended
-//! (`kernels/cuda/kv.cu`), decode attention reads the compressed rows (flash-decoding on tensor
-//! cores, `kernels/cuda/decode.cu`: query rotated once, V accumulated in the rotated domain and
-//! rotated back once per head), and prefill dequantizes the past tile by tile for a
-//! flash-attention kernel (`prefill`). Types with kernels: f16, turbo4, turbo3, turbo2, q8_0,
-//! q4_0, the RotorQuant family (rotor, iso, planar) as turbo4/turbo3 rows under their own
-//! block rotations, and SpectralQuant (spectral4/3) through per-head bases and tables
-//! (`codec::spectral::HeadBasis`). Shared-KV layers attend over their source layer's device
-//! store ([`attend`]).
+//! bytes and store layout ([`DeviceRows`]), and the kernel launches over them: K/V quantized as
+//! they are appended (`kernels/cuda/kv.cu`), decode attention reading the compressed rows
+//! (flash-decoding on tensor cores, `kernels/cuda/decode.cu`: query rotated once, V accumulated
+//! in the rotated domain and rotated back once per head), the past dequantized for prefill.
+//! Types with kernels: f16, turbo4, turbo3, turbo2, q8_0, q4_0, the RotorQuant family (rotor,
+//! iso, planar) as turbo4/turbo3 rows under their own block rotations, and SpectralQuant
+//! (spectral4/3) through per-head bases and tables (`codec::spectral::HeadBasis`). What a layer
+//! calls (decode, prefill's flash kernel, shared-KV layers) is `kv::attention::device`, above
+//! this module and the store.
 //!
 //! Stores center their rows as the CPU store does: turbo rows on the calibrated per-head means,
 //! K's channels weighted, the first positions kept as f16 sink rows in the codec's domain
@@ -23,10 +23,7 @@ use crate::gpu::{self, Input, cuda, launch_cfg, scratch, tensor};
 
 use super::codec::lloyd_max;
 use super::codec::turbo::group_width;
-use super::store::{LayerCache, RowStore, SINK_ROWS};
 use super::{CacheType, KvCodec};
-
-mod prefill;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv.ptx"));
 /// The decode partials, one module per cache type with kernels of its own, indexed by codec id:
@@ -38,6 +35,8 @@ const DECODE_PTX: &[(&str, &str)] = &include!(concat!(env!("OUT_DIR"), "/decode_
 /// threads per slice's block (kv.cu's DEC_WARPS warps).
 const SPLIT: usize = 256;
 const DECODE_THREADS: u32 = 128;
+/// Most sink rows a head keeps (kv.cu's MAX_SINK).
+pub const MAX_SINK: usize = 4;
 /// Shared memory a slice's staged K and V rows may take: f16 rows of 128 values get 96-row
 /// slices, turbo4 the full 256.
 const STAGE_BYTES: usize = 56 << 10;
@@ -188,8 +187,8 @@ impl DeviceRows {
             None if bits.is_some() => centroids.iter().map(|c| c * gain).collect(),
             None => centroids.clone(),
         };
-        if centering.sink > SINK_ROWS {
-            bail!("at most {SINK_ROWS} sink rows on the GPU");
+        if centering.sink > MAX_SINK {
+            bail!("at most {MAX_SINK} sink rows on the GPU");
         }
         let upload = |x: Option<&[f32]>| x.map(|x| s.clone_htod(x)).transpose();
         Ok(Self {
@@ -321,7 +320,7 @@ pub fn rope(
 
 /// Stores `x` [t · n_kv, d] (token-major) at positions `pos..pos+t` (kv.cu's `put_row`); with
 /// `own`, also writes the rows in the store's domain at full precision.
-fn append(
+pub(crate) fn append(
     dev: &CudaDevice,
     store: &mut DeviceRows,
     x: &CudaView<f32>,
@@ -350,7 +349,7 @@ fn append(
 
 /// Positions `first..first+n` of every head as values [n_kv, n, d] (sink or ring rows,
 /// centering undone), as attention reads them or, `stored`, as they were stored.
-fn dequant(
+pub(crate) fn dequant(
     dev: &CudaDevice,
     store: &DeviceRows,
     (n_kv, d): (usize, usize),
@@ -371,64 +370,13 @@ fn dequant(
     Ok(tensor(dev, out, &[n_kv, n, d]))
 }
 
-/// Where one attention call sits: queries at `pos..pos+t` see keys from `lo`.
-struct Step {
-    pos: usize,
-    lo: usize,
-    n_head: usize,
-    scale: f32,
-}
-
-impl Step {
-    /// The step of `t` queries at `pos` over `cache`; a context overflow is an error.
-    fn new(cache: &LayerCache, t: usize, pos: usize, n_head: usize, scale: f32) -> Result<Self> {
-        if pos + t > cache.k.capacity && cache.sliding_window.is_none() {
-            bail!(
-                "context overflow: position {} exceeds the cache's {} cells",
-                pos + t,
-                cache.k.capacity
-            );
-        }
-        let lo = cache
-            .sliding_window
-            .map_or(0, |w| (pos + 1).saturating_sub(w));
-        Ok(Self {
-            pos,
-            lo,
-            n_head,
-            scale,
-        })
-    }
-}
-
-fn gpu_rows(store: &RowStore) -> Result<&DeviceRows> {
-    store.gpu.as_ref().context("layer cache is not on the GPU")
-}
-
-fn gpu_rows_mut(store: &mut RowStore) -> Result<&mut DeviceRows> {
-    store.gpu.as_mut().context("layer cache is not on the GPU")
-}
-
-/// Quantizes `x` [t · n_kv, hd] into `store` at `pos..`, as [`append`] does.
-fn store_rows(
-    dev: &CudaDevice,
-    store: &mut RowStore,
-    x: &Input,
-    own: Option<&mut CudaSlice<f32>>,
-    t: usize,
-    pos: usize,
-) -> Result<()> {
-    let (cap, n_kv) = (store.capacity, store.n_kv_head);
-    let d = x.values() / (t * n_kv);
-    append(
-        dev,
-        gpu_rows_mut(store)?,
-        &x.view()?,
-        own,
-        (t, n_kv, d),
-        cap,
-        pos,
-    )
+/// Where one attention call sits: queries at `pos..pos+t` see keys from `lo` (the layer-level
+/// callers in `kv::attention::device` check the context and the window).
+pub(crate) struct Step {
+    pub pos: usize,
+    pub lo: usize,
+    pub n_head: usize,
+    pub scale: f32,
 }
 
 /// RoPE for the queries and keys an attention call takes: frequencies [hd/2] on the device and
@@ -438,105 +386,18 @@ pub struct Rotary<'a> {
     pub neox: bool,
 }
 
-/// Causal attention of `t` queries at positions `pos..` over the layer's device cache and
-/// the chunk's own K/V, then stores the chunk. Shapes: `q` [t · n_head, hd], `k`/`v`
-/// [t · n_kv, hd] (token-major; q and k roped here when `rope` is given); returns
-/// [t, n_head · hd]. Prefill attends over the past in tiles of `key_tile` keys (`None`: sized to
-/// a memory budget; checks pass small tiles to exercise the merge).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    cache: &mut LayerCache,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    rope: Option<&Rotary>,
-    pos: usize,
-    n_head: usize,
-    scale: f32,
-    key_tile: Option<usize>,
-) -> Result<Tensor> {
-    let dev = cuda(q)?;
-    let t = q.dims2()?.0 / n_head;
-    let step = Step::new(cache, t, pos, n_head, scale)?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    // The calibration pass (query energies kept) takes the prefill path even for one token.
-    if t == 1 && cache.query_moments.is_none() {
-        let geom = Geometry::of(cache);
-        let rows = Rows::Write(gpu_rows_mut(&mut cache.k)?, gpu_rows_mut(&mut cache.v)?);
-        return decode(&dev, rows, geom, &q, &k, &v, rope, &step);
-    }
-    if let Some(moments) = cache.query_moments.as_mut() {
-        moments.add(&q.flatten_all()?.to_vec1::<f32>()?, n_head);
-    }
-    let (q, k) = match rope {
-        Some(r) => (
-            self::rope(&q, r.inv_freq, n_head, pos, r.neox)?,
-            self::rope(&k, r.inv_freq, cache.k.n_kv_head, pos, r.neox)?,
-        ),
-        None => (q, k),
-    };
-    let out = prefill::attend(&dev, cache, &q, &k, &v, &step, key_tile)?;
-    let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
-    store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
-    store_rows(&dev, &mut cache.v, &vi, None, t, pos)?;
-    Ok(out)
-}
-
-/// Causal attention as [`attention`] without storing: for a layer whose store shared-KV layers
-/// read (it stores the chunk once they are done, [`append_chunk`]) and for those layers. `q` and
-/// `k` come roped; the chunk's K/V take part at full precision.
-pub fn attend(
-    cache: &LayerCache,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pos: usize,
-    n_head: usize,
-    scale: f32,
-) -> Result<Tensor> {
-    let dev = cuda(q)?;
-    let t = q.dims2()?.0 / n_head;
-    let step = Step::new(cache, t, pos, n_head, scale)?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if t == 1 {
-        let rows = Rows::Read(gpu_rows(&cache.k)?, gpu_rows(&cache.v)?);
-        return decode(&dev, rows, Geometry::of(cache), &q, &k, &v, None, &step);
-    }
-    prefill::attend(&dev, cache, &q, &k, &v, &step, None)
-}
-
-/// Stores a chunk's roped K and V [t · n_kv, hd] at positions `pos..` (after [`attend`]).
-pub fn append_chunk(cache: &mut LayerCache, k: &Tensor, v: &Tensor, pos: usize) -> Result<()> {
-    let dev = cuda(k)?;
-    let t = k.dims2()?.0 / cache.k.n_kv_head;
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let (ki, vi) = (Input::of(&k)?, Input::of(&v)?);
-    store_rows(&dev, &mut cache.k, &ki, None, t, pos)?;
-    store_rows(&dev, &mut cache.v, &vi, None, t, pos)
-}
-
 /// A layer's K and V stores for one decode step: written (the step stored) or only read.
-enum Rows<'a> {
+pub(crate) enum Rows<'a> {
     Write(&'a mut DeviceRows, &'a mut DeviceRows),
     Read(&'a DeviceRows, &'a DeviceRows),
 }
 
 /// Head dim, KV heads and ring capacity of a layer's stores.
 #[derive(Clone, Copy)]
-struct Geometry {
-    hd: usize,
-    n_kv: usize,
-    capacity: usize,
-}
-
-impl Geometry {
-    fn of(cache: &LayerCache) -> Self {
-        Self {
-            hd: cache.head_dim,
-            n_kv: cache.k.n_kv_head,
-            capacity: cache.k.capacity,
-        }
-    }
+pub(crate) struct Geometry {
+    pub hd: usize,
+    pub n_kv: usize,
+    pub capacity: usize,
 }
 
 /// One query per head, in three launches: `kv_step` (rope, the query into K's domain, the
@@ -545,7 +406,7 @@ impl Geometry {
 /// with the positions the stores keep as sink rows and the own position (V rotated back, its
 /// mean added).
 #[allow(clippy::too_many_arguments)]
-fn decode(
+pub(crate) fn decode(
     dev: &CudaDevice,
     mut rows: Rows,
     geom: Geometry,
@@ -684,7 +545,7 @@ fn decode(
     };
     // SAFETY: as above, for `kv_attn_merge`; its dynamic shared memory holds one weight per
     // slot (within MAX_DYNAMIC_SHARED: 16384 slots, ≥ 1.5M positions); 1024 threads cover a
-    // head (≤ 256 values); x_hi − x_lo ≤ SINK_ROWS (kv.cu's MAX_SINK).
+    // head (≤ 256 values); x_hi − x_lo ≤ MAX_SINK.
     unsafe { b.launch(cfg) }?;
     Ok(tensor(dev, out, &[1, n_head * hd]))
 }

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 
 use super::CacheType;
-use crate::model::arch::ModelArchitecture;
+use crate::arch::ModelArchitecture;
 
 /// The K and V type of every layer.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,11 +6,16 @@ use super::calibration::{KvCalibration, LayerRows, QueryMoments, Spectrum, balan
 use super::codec::axpy_f32;
 use super::codec::f16::F16Codec;
 use super::{CacheType, KvCodec, KvPolicy};
-use crate::model::arch::ModelArchitecture;
+use crate::arch::ModelArchitecture;
 
 /// Positions that rotation-codec stores keep at f16 precision (in the codec's domain): the
 /// attention sinks at the start of a sequence, which every later query attends to heavily.
 pub const SINK_ROWS: usize = 4;
+#[cfg(feature = "cuda")]
+const _: () = assert!(
+    SINK_ROWS <= super::device::MAX_SINK,
+    "GPU stores keep these sink rows too"
+);
 
 static SINK_CODEC: F16Codec = F16Codec;
 

@@ -4,8 +4,9 @@
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 
-use super::arch::{ArchKind, ModelArchitecture};
-use super::layers::{Linear, Projections, RmsNorm, Rope, Source};
+use super::layers::{Linear, Projections, RmsNorm, Source};
+use crate::arch::Rope;
+use crate::arch::{ArchKind, ModelArchitecture};
 use crate::kv::{self, LayerCache};
 
 /// How a layer reaches the KV cache for one chunk.
@@ -43,7 +44,7 @@ impl ChunkKv {
         match self {
             ChunkKv::Host(k, v) => kv::append(cache, &k, &v, pos),
             #[cfg(feature = "cuda")]
-            ChunkKv::Device(k, v) => kv::device::append_chunk(cache, &k, &v, pos)?,
+            ChunkKv::Device(k, v) => kv::attention::device::append_chunk(cache, &k, &v, pos)?,
         }
         Ok(())
     }
@@ -161,18 +162,35 @@ impl SelfAttention {
                     inv_freq: freqs,
                     neox,
                 };
-                kv::device::attention(cache, &q, &k, &v, Some(&rotary), pos, n_head, scale, None)?
+                kv::attention::device::attention(
+                    cache,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&rotary),
+                    pos,
+                    n_head,
+                    scale,
+                    None,
+                )?
             }
             KvAccess::Source(cache, stash) => {
                 let (k, v) = own_kv()?;
                 let k = rope(&k, self.n_kv_head)?;
-                let out =
-                    kv::device::attend(cache, &rope(&q, n_head)?, &k, &v, pos, n_head, scale)?;
+                let out = kv::attention::device::attend(
+                    cache,
+                    &rope(&q, n_head)?,
+                    &k,
+                    &v,
+                    pos,
+                    n_head,
+                    scale,
+                )?;
                 *stash = Some(ChunkKv::Device(k, v));
                 out
             }
             KvAccess::Shared(cache, ChunkKv::Device(k, v)) => {
-                kv::device::attend(cache, &rope(&q, n_head)?, k, v, pos, n_head, scale)?
+                kv::attention::device::attend(cache, &rope(&q, n_head)?, k, v, pos, n_head, scale)?
             }
             KvAccess::Shared(_, ChunkKv::Host(..)) => {
                 bail!("a shared-KV layer on the GPU was handed its source's K/V on the host")

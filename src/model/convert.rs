@@ -11,8 +11,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::arch::ArchKind;
 use super::safetensors::{HfDir, gguf_name};
+use crate::arch::ArchKind;
 
 /// Writes `dir` (config.json + *.safetensors) as one GGUF file at `out`.
 pub fn hf_to_gguf(dir: &Path, out: &Path) -> Result<()> {

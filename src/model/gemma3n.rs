@@ -7,9 +7,10 @@ use anyhow::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
-use super::arch::ModelArchitecture;
 use super::attn::{KvAccess, SelfAttention};
-use super::layers::{Activation, GatedMlp, Linear, RmsNorm, Source, Weight, round_bf16};
+use super::layers::{Activation, GatedMlp, Linear, RmsNorm, Source, Weight};
+use crate::arch::ModelArchitecture;
+use crate::arch::rope::round_bf16;
 
 /// Alternating updates: `n` streams; the layer runs on stream 0 and the others follow it
 /// through learned coefficients chosen per token by a small router.

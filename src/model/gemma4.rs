@@ -5,9 +5,9 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::arch::ModelArchitecture;
 use super::attn::{KvAccess, SelfAttention};
 use super::layers::{Activation, GatedMlp, Linear, RmsNorm, Source};
+use crate::arch::ModelArchitecture;
 
 /// A layer's use of its per-layer input: `h + norm(proj(gelu(gate(h)) * ple_i))`.
 struct PleInput {

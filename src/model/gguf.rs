@@ -10,7 +10,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use memmap2::Mmap;
 
-use super::arch::{ArchKind, LayerGeometry, ModelArchitecture, RopeStyle};
+use crate::arch::{ArchKind, LayerGeometry, ModelArchitecture, RopeStyle};
 
 pub struct GgufFile {
     pub mmap: Mmap,
@@ -262,9 +262,9 @@ impl GgufFile {
                 }
             })
             .collect();
-        let extras = crate::model::arch::ArchExtras {
+        let extras = crate::arch::ArchExtras {
             kv_shared_from: (shared > 0).then(|| n_layer.saturating_sub(shared)),
-            ple: (ple_dim > 0).then_some(crate::model::arch::PleDims {
+            ple: (ple_dim > 0).then_some(crate::arch::PleDims {
                 dim: ple_dim,
                 vocab: ple_vocab,
             }),

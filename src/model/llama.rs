@@ -3,9 +3,9 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::arch::ModelArchitecture;
 use super::attn::SelfAttention;
 use super::layers::{Activation, GatedMlp, RmsNorm, Source};
+use crate::arch::ModelArchitecture;
 use crate::kv::LayerCache;
 
 pub struct LlamaBlock {

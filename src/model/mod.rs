@@ -1,7 +1,6 @@
 //! Models: geometry (`arch`), loaders (`gguf`, `safetensors`) and forward passes (`llama`, `gemma`).
 
 pub mod activation;
-pub mod arch;
 pub mod attn;
 pub mod convert;
 pub mod embedding;
@@ -22,8 +21,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 
+use crate::arch::{ArchKind, ModelArchitecture};
 use crate::kv::KvCache;
-use arch::{ArchKind, ModelArchitecture};
 use attn::{ChunkKv, KvAccess};
 use gemma::GemmaBlock;
 use gemma3n::{AltUpEnds, Gemma3nBlock};
@@ -73,7 +72,7 @@ impl PerLayerInputs {
         };
         let buffer = |x: f32| {
             if arch.bf16_buffers {
-                layers::round_bf16(x)
+                crate::arch::rope::round_bf16(x)
             } else {
                 x
             }
@@ -205,7 +204,7 @@ impl Model {
         .then(|| {
             let s = (arch.hidden as f32).sqrt();
             (if arch.bf16_buffers {
-                layers::round_bf16(s)
+                crate::arch::rope::round_bf16(s)
             } else {
                 s
             }) as f64

@@ -13,10 +13,10 @@ use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::arch::{
+use super::embedding::{Embedding, RowBytes, RowFormat};
+use crate::arch::{
     ArchExtras, ArchKind, LayerGeometry, ModelArchitecture, PleDims, RopeStyle, cfg_usize,
 };
-use super::embedding::{Embedding, RowBytes, RowFormat};
 
 pub struct HfDir {
     pub dir: PathBuf,

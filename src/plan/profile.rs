@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::model::arch::{
+use crate::arch::{
     ArchExtras, ArchKind, LayerGeometry, ModelArchitecture, MoeDims, PleDims, RopeStyle, SsmDims,
 };
 

@@ -39,8 +39,8 @@ use std::ops::Range;
 
 use anyhow::Result;
 
-use crate::model::arch::{LayerGeometry, ModelArchitecture};
-use crate::model::layers::Rope;
+use crate::arch::Rope;
+use crate::arch::{LayerGeometry, ModelArchitecture};
 
 /// Original prose (written for this project) that the model reads to measure its K/V means.
 pub const CALIBRATION_TEXT: &str = "The harbour town woke slowly on the morning of the fair. \
@@ -430,7 +430,7 @@ mod tests {
     /// follows the variances.
     #[test]
     fn k_centre_and_weights_follow_rope_over_the_context() {
-        use crate::model::arch::RopeStyle;
+        use crate::arch::RopeStyle;
         let hd = 8;
         let rope = Rope::new(3.9e13, hd, 1.0, RopeStyle::Interleaved, false);
         let mut rng = super::super::codec::turbo::SplitMix(3);

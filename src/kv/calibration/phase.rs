@@ -1,7 +1,7 @@
 //! RoPE-phase moments: keys and queries turned back to position 0, and their second moments
 //! averaged over the angles RoPE gives a pair at the positions a context serves.
 
-use crate::model::layers::Rope;
+use crate::arch::Rope;
 
 use super::*;
 

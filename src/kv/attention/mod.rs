@@ -4,6 +4,7 @@
 //!
 //! Past rows are always read for a whole GQA group (and, in prefill, a block of queries) at once,
 //! so each compressed row is decoded once per tile and used by every query that needs it.
+//! Layers whose stores live in GPU memory attend through [`device`] instead.
 
 use std::ops::Range;
 
@@ -14,6 +15,9 @@ use super::codec::{axpy_f32, dot_f32};
 use super::softmax::exp_sum;
 use super::store::{LayerCache, RowStore};
 use crate::parallel::{SharedMut, par_chunks_mut, par_for};
+
+#[cfg(feature = "cuda")]
+pub mod device;
 
 /// Causal attention of `t` queries at positions `pos..pos+t`.
 ///

@@ -8,8 +8,9 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::PushKernelArg;
 
-use super::{Step, dequant, gpu_rows};
+use super::gpu_rows;
 use crate::gpu::{self, Input, launch_cfg, scratch, tensor};
+use crate::kv::device::{Step, dequant};
 use crate::kv::store::{LayerCache, RowStore};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefill.ptx"));

@@ -1,7 +1,12 @@
-//! `ModelArchitecture`: the geometry every other part reads (KV sizing, forward passes, planning).
+//! `ModelArchitecture`: the geometry every other part reads (KV sizing, forward passes, planning),
+//! and the rotary embedding each layer applies. Below `model` and `kv`, which both read it.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+
+pub mod rope;
+
+pub use rope::Rope;
 
 /// Which forward pass a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
