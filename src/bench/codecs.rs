@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::engine::Engine;
-use crate::kv::{CacheType, KvCache, KvPolicy};
+use crate::kv::{CacheType, KvCache, KvCodec, KvPolicy};
 
 /// A set of rows of one width, from one source.
 pub struct RowSet {
@@ -36,6 +36,9 @@ pub struct CodecReport {
     pub norm_ratio: f64,
     pub quantize_ns_per_row: f64,
     pub dot_ns_per_row: f64,
+    /// A decode step's read of one cached row for a GQA group of 4 queries: scores
+    /// (`dot_rows`) and the weighted V sum (`axpy_rows`), in the codec's domain.
+    pub gqa4_read_ns_per_row: f64,
 }
 
 fn normal(rng: &mut StdRng) -> f32 {
@@ -189,6 +192,7 @@ pub fn measure(ty: CacheType, set: &RowSet, seed: u64) -> Result<CodecReport> {
             count += 1.0;
         }
     }
+    let gqa4_read_ns = gqa4_read_ns(&*codec, d, &store, &mut rng);
     let ip_rms = (ip2_sum / count).sqrt().max(1e-30);
     let e_mean = e_sum / count;
     let e_std = (e2_sum / count - e_mean * e_mean).max(0.0).sqrt();
@@ -206,17 +210,49 @@ pub fn measure(ty: CacheType, set: &RowSet, seed: u64) -> Result<CodecReport> {
         norm_ratio: ratio / n,
         quantize_ns_per_row: quantize_ns,
         dot_ns_per_row: dot_ns / (n_q as f64 * n),
+        gqa4_read_ns_per_row: gqa4_read_ns,
     })
+}
+
+/// Nanoseconds per row of [`CodecReport::gqa4_read_ns_per_row`]: the best of 8 passes over
+/// `store` (rows of `d` values) in slices of 256 rows, as the decode step takes them.
+fn gqa4_read_ns(codec: &dyn KvCodec, d: usize, store: &[u8], rng: &mut StdRng) -> f64 {
+    const QUERIES: usize = 4;
+    const SLICE: usize = 256;
+    let rb = codec.bytes_per_row(d);
+    let mut qs = vec![0f32; QUERIES * d];
+    for q in qs.chunks_exact_mut(d) {
+        let raw: Vec<f32> = (0..d).map(|_| normal(rng)).collect();
+        codec.prepare_query(&raw, q);
+    }
+    let mut scores = vec![0f32; QUERIES * SLICE];
+    let mut acc = vec![0f32; QUERIES * d];
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let t = Instant::now();
+        for slice in store.chunks(SLICE * rb) {
+            let n = slice.len() / rb;
+            codec.dot_rows(d, &qs, slice, &mut scores[..QUERIES * n]);
+            // weights of a softmax's size, not its values: the read is what is timed
+            for w in &mut scores[..QUERIES * n] {
+                *w = w.abs().min(1.0);
+            }
+            codec.axpy_rows(d, &scores[..QUERIES * n], slice, &mut acc);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64);
+        std::hint::black_box(&acc);
+    }
+    best / (store.len() / rb) as f64
 }
 
 /// The table `dh-server codecs` prints.
 pub fn table(reports: &[CodecReport]) -> String {
     let mut s = String::from(
-        "| source | type | bits/value | x f16 | NMSE | cosine | IP bias | IP spread | norm ratio | quantize ns/row | dot ns/row |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| source | type | bits/value | x f16 | NMSE | cosine | IP bias | IP spread | norm ratio | quantize ns/row | dot ns/row | GQA-4 read ns/row |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         s += &format!(
-            "| {} | {} | {:.3} | {:.2} | {:.5} | {:.5} | {:+.5} | {:.5} | {:.4} | {:.0} | {:.1} |\n",
+            "| {} | {} | {:.3} | {:.2} | {:.5} | {:.5} | {:+.5} | {:.5} | {:.4} | {:.0} | {:.1} | {:.1} |\n",
             r.source,
             r.cache_type,
             r.bits_per_value,
@@ -227,7 +263,8 @@ pub fn table(reports: &[CodecReport]) -> String {
             r.ip_spread,
             r.norm_ratio,
             r.quantize_ns_per_row,
-            r.dot_ns_per_row
+            r.dot_ns_per_row,
+            r.gqa4_read_ns_per_row
         );
     }
     s

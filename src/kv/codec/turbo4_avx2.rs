@@ -1,7 +1,7 @@
 //! turbo4 rows read in place with AVX2 (hosts without AVX-512): scores and V sums straight from
-//! the packed nibbles. Each 32 values are unpacked once into four 8-lane index vectors, looked
-//! up in the 16-entry codebook (two 8-lane permutes and a blend on the index's top bit) and
-//! used by up to four queries while in registers. The generic path decodes a tile of rows to
+//! the packed nibbles. Each 32 values' indices are looked up in the 16-entry codebook with
+//! byte shuffles (`vpshufb` over the entries' four byte planes: 15 instructions for 32 values)
+//! and used by up to four queries while in registers. The generic path decodes a tile of rows to
 //! f32 first and reads it back once per query, which on AVX2 cost more than the lookups
 //! themselves (docs/PERFORMANCE.md, "turbo4 at depth on AVX2").
 //!
@@ -40,40 +40,87 @@ impl Rows {
     }
 }
 
-/// Indices of 32 consecutive values from their 16 packed bytes, as four vectors of 8 lanes.
+/// The codebook as four byte planes (byte k of each of the 16 entries), each in both 128-bit
+/// lanes: `vpshufb` on a vector of indices gives byte k of every index's entry, so four
+/// shuffles and two rounds of byte/word interleaves turn 32 indices into 32 entries.
+struct Planes([__m256i; 4]);
+
+impl Planes {
+    #[inline(always)]
+    unsafe fn new(table: &[f32; 16]) -> Self {
+        let mut p = [[0u8; 16]; 4];
+        for (i, v) in table.iter().enumerate() {
+            for (k, b) in v.to_le_bytes().into_iter().enumerate() {
+                p[k][i] = b;
+            }
+        }
+        // SAFETY: 16 readable bytes per plane; register operations otherwise.
+        Self(p.map(|x| unsafe {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(x.as_ptr() as *const __m128i))
+        }))
+    }
+}
+
+/// The lane order of the vectors [`entries32`] and [`entries16`] give: lane e of each holds
+/// value `PERM[e]` of its 8 (even values in the low half, odd in the high). As a
+/// `vpermps` index it puts a vector in natural order into this one; `NATURAL` puts it back.
+const PERM: [i32; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+const NATURAL: [i32; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// Index bytes in `b` (both lanes the same packed bytes) as the low lane's low nibbles (the
+/// even values) and the high lane's high nibbles (the odd ones).
 #[inline(always)]
-unsafe fn indices32(p: *const u8) -> [__m256i; 4] {
-    // SAFETY: the caller guarantees 16 readable bytes at p.
+unsafe fn split_nibbles(b: __m256i) -> __m256i {
+    // SAFETY: register operations only.
     unsafe {
-        let b = _mm_loadu_si128(p as *const __m128i);
-        let m = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(b, m);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-        // values 0..16 and 16..32: each byte's low nibble, then its high nibble
-        let a = _mm_unpacklo_epi8(lo, hi);
-        let c = _mm_unpackhi_epi8(lo, hi);
+        _mm256_and_si256(
+            _mm256_srlv_epi64(b, _mm256_set_epi64x(4, 4, 0, 0)),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+}
+
+/// The entries of 32 consecutive values from their 16 packed bytes at `p`, 8 values a vector
+/// in [`PERM`] order.
+#[inline(always)]
+unsafe fn entries32(pl: &Planes, p: *const u8) -> [__m256; 4] {
+    // SAFETY: the caller guarantees 16 readable bytes at p; register operations otherwise.
+    unsafe {
+        let idx = split_nibbles(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+            p as *const __m128i,
+        )));
+        let [b0, b1, b2, b3] = pl.0.map(|t| _mm256_shuffle_epi8(t, idx));
+        let (w01, w23) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpacklo_epi8(b2, b3));
+        let (x01, x23) = (_mm256_unpackhi_epi8(b0, b1), _mm256_unpackhi_epi8(b2, b3));
         [
-            _mm256_cvtepu8_epi32(a),
-            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(a)),
-            _mm256_cvtepu8_epi32(c),
-            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(c)),
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01, w23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01, w23)),
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(x01, x23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(x01, x23)),
         ]
     }
 }
 
-/// The codebook entries at `idx` (0..16): `lo` holds entries 0..8, `hi` 8..16; bit 3 of the
-/// index, shifted to the sign bit, picks the half.
+/// The entries of 16 consecutive values from their 8 packed bytes at `p`, as [`entries32`].
 #[inline(always)]
-unsafe fn lookup(lo: __m256, hi: __m256, idx: __m256i) -> __m256 {
-    // SAFETY: register operations only; AVX2 is enabled by the callers.
+unsafe fn entries16(pl: &Planes, p: *const u8) -> [__m256; 2] {
+    // SAFETY: the caller guarantees 8 readable bytes at p; register operations otherwise.
     unsafe {
-        let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-        _mm256_blendv_ps(
-            _mm256_permutevar8x32_ps(lo, idx),
-            _mm256_permutevar8x32_ps(hi, idx),
-            upper,
-        )
+        let idx = split_nibbles(_mm256_set1_epi64x((p as *const i64).read_unaligned()));
+        let [b0, b1, b2, b3] = pl.0.map(|t| _mm256_shuffle_epi8(t, idx));
+        let (w01, w23) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpacklo_epi8(b2, b3));
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01, w23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01, w23)),
+        ]
     }
+}
+
+/// `x` with its lanes taken in the order `at` names.
+#[inline(always)]
+unsafe fn permute(x: __m256, at: &[i32; 8]) -> __m256 {
+    // SAFETY: 8 readable lanes at `at`; register operations otherwise.
+    unsafe { _mm256_permutevar8x32_ps(x, _mm256_loadu_si256(at.as_ptr() as *const __m256i)) }
 }
 
 #[inline(always)]
@@ -100,10 +147,21 @@ unsafe fn hsum4(a: &[__m256; BLOCK]) -> __m128 {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_rows(geom: Rows, table: &[f32; 16], qs: &[f32], rows: &[u8], scores: &mut [f32]) {
     let m = qs.len() / geom.hd;
+    // the queries with each 8 values in the entries' lane order (PERM)
+    let mut permuted = [0f32; BLOCK * super::MAX_HEAD_DIM];
     let mut i = 0;
     while i < m {
         let qb = (m - i).min(BLOCK);
-        let q = &qs[i * geom.hd..(i + qb) * geom.hd];
+        let q = &mut permuted[..qb * geom.hd];
+        for (dst, src) in q
+            .chunks_exact_mut(8)
+            .zip(qs[i * geom.hd..(i + qb) * geom.hd].chunks_exact(8))
+        {
+            for (d, &at) in dst.iter_mut().zip(&PERM) {
+                *d = src[at as usize];
+            }
+        }
+        let q = &*q;
         // SAFETY: as this function's contract; q holds qb queries.
         unsafe {
             match qb {
@@ -117,7 +175,10 @@ pub unsafe fn dot_rows(geom: Rows, table: &[f32; 16], qs: &[f32], rows: &[u8], s
     }
 }
 
-/// [`dot_rows`] for `QB` queries `q` [QB, hd], the first being query `first` of `scores`.
+/// [`dot_rows`] for `QB` queries `q` [QB, hd] (each 8 values in [`PERM`] order), the first
+/// being query `first` of `scores`. A lane sums the same products in the same order as it would
+/// with both in natural order, and the row's totals are put back in natural order before their
+/// horizontal sums: the scores are those of a natural-order walk, bit for bit.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_block<const QB: usize>(
     geom: Rows,
@@ -132,8 +193,7 @@ unsafe fn dot_block<const QB: usize>(
     // SAFETY: every row read lies inside `rows` (n whole rows of rb bytes, groups of gb), every
     // query load inside `q` (QB rows of hd), every score store below (first + QB)·n.
     unsafe {
-        let lo = _mm256_loadu_ps(table.as_ptr());
-        let hi = _mm256_loadu_ps(table.as_ptr().add(8));
+        let planes = Planes::new(table);
         let qp = q.as_ptr();
         for j in 0..n {
             let row = rows.as_ptr().add(j * rb);
@@ -142,9 +202,8 @@ unsafe fn dot_block<const QB: usize>(
                 let gp = row.add(grp * gb);
                 let mut acc = [_mm256_setzero_ps(); BLOCK];
                 for piece in (0..geom.g).step_by(32) {
-                    let idx = indices32(gp.add(geom.header + piece / 2));
-                    for (l, ix) in idx.iter().enumerate() {
-                        let v = lookup(lo, hi, *ix);
+                    let vs = entries32(&planes, gp.add(geom.header + piece / 2));
+                    for (l, &v) in vs.iter().enumerate() {
                         let c = c0 + piece + 8 * l;
                         for (r, a) in acc.iter_mut().enumerate().take(QB) {
                             *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * geom.hd + c)), v, *a);
@@ -155,6 +214,9 @@ unsafe fn dot_block<const QB: usize>(
                 for (t, a) in total.iter_mut().zip(&acc).take(QB) {
                     *t = _mm256_fmadd_ps(*a, norm, *t);
                 }
+            }
+            for t in total.iter_mut().take(QB) {
+                *t = permute(*t, &NATURAL);
             }
             let mut s = [0f32; BLOCK];
             _mm_storeu_ps(s.as_mut_ptr(), hsum4(&total));
@@ -199,8 +261,13 @@ pub unsafe fn axpy_rows(geom: Rows, table: &[f32; 16], w: &[f32], rows: &[u8], a
 /// read it from L2 or beyond once per 16 columns (gemma-3's 256-wide heads: 16 times).
 const AXPY_ROWS: usize = 64;
 
-/// [`axpy_rows`] for `QB` accumulators: for each pass of [`AXPY_ROWS`] rows, 16 columns at a
-/// time, their `QB` accumulators held in registers over the pass's rows.
+/// Most groups a row has (`MAX_HEAD_DIM` / 64).
+const MAX_GROUPS: usize = super::MAX_HEAD_DIM / 64;
+
+/// [`axpy_rows`] for `QB` accumulators: for each pass of [`AXPY_ROWS`] rows, first every
+/// weight times its row's group norm (the products the column steps would otherwise each take
+/// again), then 16 columns at a time, their `QB` accumulators held in registers over the pass's
+/// rows.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_block<const QB: usize>(
     geom: Rows,
@@ -211,40 +278,51 @@ unsafe fn axpy_block<const QB: usize>(
 ) {
     let (rb, gb) = (geom.row_bytes(), geom.group_bytes());
     let n = rows.len() / rb;
-    // SAFETY: row reads stay inside `rows` (8 index bytes at a 16-column step of a group), weight
-    // reads below QB·n, accumulator loads and stores inside QB rows of hd.
+    let groups = geom.hd / geom.g;
+    assert!(groups <= MAX_GROUPS);
+    // [group][accumulator][row of the pass]
+    let mut wn = [0f32; MAX_GROUPS * BLOCK * AXPY_ROWS];
+    // SAFETY: row reads stay inside `rows` (a group's norm; 8 index bytes at a 16-column step
+    // of a group), weight reads below QB·n, `wn` indices below groups·BLOCK·AXPY_ROWS,
+    // accumulator loads and stores inside QB rows of hd.
     unsafe {
-        let lo = _mm256_loadu_ps(table.as_ptr());
-        let hi = _mm256_loadu_ps(table.as_ptr().add(8));
-        let m4 = _mm_set1_epi8(0x0F);
+        let planes = Planes::new(table);
         let ap = acc.as_mut_ptr();
         for j0 in (0..n).step_by(AXPY_ROWS) {
+            let len = AXPY_ROWS.min(n - j0);
+            for grp in 0..groups {
+                for j in 0..len {
+                    let norm = norm_at(rows.as_ptr().add((j0 + j) * rb + grp * gb));
+                    for r in 0..QB {
+                        *wn.get_unchecked_mut((grp * BLOCK + r) * AXPY_ROWS + j) =
+                            *w.get_unchecked(r * n + j0 + j) * norm;
+                    }
+                }
+            }
             for c in (0..geom.hd).step_by(16) {
                 let (grp, in_grp) = (c / geom.g, c % geom.g);
                 let mut a = [[_mm256_setzero_ps(); 2]; BLOCK];
+                // in the entries' lane order over the pass (the same sums, lane for lane)
                 for (r, ar) in a.iter_mut().enumerate().take(QB) {
-                    ar[0] = _mm256_loadu_ps(ap.add(r * geom.hd + c));
-                    ar[1] = _mm256_loadu_ps(ap.add(r * geom.hd + c + 8));
+                    ar[0] = permute(_mm256_loadu_ps(ap.add(r * geom.hd + c)), &PERM);
+                    ar[1] = permute(_mm256_loadu_ps(ap.add(r * geom.hd + c + 8)), &PERM);
                 }
-                for j in j0..(j0 + AXPY_ROWS).min(n) {
-                    let gp = rows.as_ptr().add(j * rb + grp * gb);
-                    let norm = norm_at(gp);
-                    let b = _mm_loadl_epi64(gp.add(geom.header + in_grp / 2) as *const __m128i);
-                    let x = _mm_unpacklo_epi8(
-                        _mm_and_si128(b, m4),
-                        _mm_and_si128(_mm_srli_epi16::<4>(b), m4),
-                    );
-                    let v0 = lookup(lo, hi, _mm256_cvtepu8_epi32(x));
-                    let v1 = lookup(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(x)));
+                let wg = wn.as_ptr().add(grp * BLOCK * AXPY_ROWS);
+                let mut gp = rows
+                    .as_ptr()
+                    .add(j0 * rb + grp * gb + geom.header + in_grp / 2);
+                for j in 0..len {
+                    let [v0, v1] = entries16(&planes, gp);
+                    gp = gp.add(rb);
                     for (r, ar) in a.iter_mut().enumerate().take(QB) {
-                        let wj = _mm256_set1_ps(*w.get_unchecked(r * n + j) * norm);
+                        let wj = _mm256_broadcast_ss(&*wg.add(r * AXPY_ROWS + j));
                         ar[0] = _mm256_fmadd_ps(wj, v0, ar[0]);
                         ar[1] = _mm256_fmadd_ps(wj, v1, ar[1]);
                     }
                 }
                 for (r, ar) in a.iter().enumerate().take(QB) {
-                    _mm256_storeu_ps(ap.add(r * geom.hd + c), ar[0]);
-                    _mm256_storeu_ps(ap.add(r * geom.hd + c + 8), ar[1]);
+                    _mm256_storeu_ps(ap.add(r * geom.hd + c), permute(ar[0], &NATURAL));
+                    _mm256_storeu_ps(ap.add(r * geom.hd + c + 8), permute(ar[1], &NATURAL));
                 }
             }
         }
