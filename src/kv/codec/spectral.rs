@@ -20,6 +20,8 @@
 //! at head_dim 64 — laid out as the norms, widest group first, then the codes packed LSB first.
 //! Without calibration (the codecs report on synthetic rows) the basis is the identity: one
 //! group, a dense random rotation, i.e. turbo with a different rotation.
+//!
+//! (Just over 600 lines: 210 of them are its tests — fits, byte layout, the GPU's tables.)
 
 use std::sync::{Arc, Mutex, OnceLock};
 
